@@ -1,0 +1,26 @@
+"""W8A16 ops for GPT-NeoX / Pythia decoding.
+
+Importing this package registers
+
+* ``torch.ops.w8a16.linear(x, weight, scales, bias=None)``
+* ``torch.ops.w8a16.linear_gelu(x, weight, scales, bias=None)``
+* ``torch.ops.w8a16.decode_attention(q, k_cache, v_cache, length, scale, scores=None)``
+
+with a CPU implementation (the pure-torch reference), a fake kernel for
+torch.compile, and, when a CUDA GPU (sm_80+) is present, the CUDA kernels from
+``csrc/`` (built on first import; see ``w8a16_ops._build``).
+"""
+from . import _ops  # noqa: F401  (defines the ops)
+from . import reference
+from ._build import extension_loaded, load_extension
+from .quant import dequantize_per_channel, quantize_per_channel
+
+load_extension()
+
+__all__ = [
+    "reference",
+    "quantize_per_channel",
+    "dequantize_per_channel",
+    "load_extension",
+    "extension_loaded",
+]

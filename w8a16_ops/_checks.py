@@ -1,0 +1,115 @@
+"""Argument checks shared by the CPU implementations and the fake kernels.
+
+The CUDA side (csrc/ops.cpp) makes the same checks in the same order with the
+same messages, so a bad call fails identically in eager mode and under
+torch.compile (where only the fake kernel runs at trace time). Keep them in step.
+"""
+from __future__ import annotations
+
+import torch
+
+_DTYPE_NAMES = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.bool: "bool",
+}
+
+MIN_CAPABILITY = (8, 0)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _desc(t: torch.Tensor) -> str:
+    return f"{dtype_name(t.dtype)} {list(t.shape)}"
+
+
+def _fail(op: str, msg: str) -> None:
+    raise RuntimeError(f"{op}: {msg}")
+
+
+def _act_dtypes(device: torch.device) -> tuple[tuple[torch.dtype, ...], str]:
+    if device.type == "cuda":
+        return (torch.float16, torch.bfloat16), "float16 or bfloat16"
+    return (torch.float16, torch.bfloat16, torch.float32), "float16, bfloat16 or float32"
+
+
+def _check_devices(op: str, named: list[tuple[str, torch.Tensor | None]]) -> None:
+    present = [(n, t) for n, t in named if t is not None]
+    devices = {t.device for _, t in present}
+    if len(devices) > 1:
+        where = ", ".join(f"{n} on {t.device}" for n, t in present)
+        _fail(op, f"all tensors must be on the same device, got {where}")
+
+
+def _check_capability(op: str, device: torch.device) -> None:
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < MIN_CAPABILITY:
+        _fail(op, f"requires compute capability >= 8.0, found {major}.{minor}")
+
+
+def check_linear(op: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+    """Validate the arguments of w8a16.linear / w8a16.linear_gelu."""
+    _check_devices(op, [("x", x), ("weight", weight), ("scales", scales), ("bias", bias)])
+    allowed, allowed_txt = _act_dtypes(x.device)
+    if x.dtype not in allowed:
+        _fail(op, f"x must be {allowed_txt}, got {dtype_name(x.dtype)}")
+    if x.dim() < 1:
+        _fail(op, "x must have shape [..., K], got a 0-d tensor")
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        _fail(op, f"weight must be int8 of shape [N, K], got {_desc(weight)}")
+    if not weight.is_contiguous():
+        _fail(op, f"weight must be contiguous (row-major [N, K]), got strides {list(weight.stride())}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        _fail(op, f"K mismatch: x has K={x.shape[-1]} in its last dim, weight [N, K] has K={K}")
+    if scales.dtype != torch.float32 or scales.dim() != 1 or scales.shape[0] != N:
+        _fail(op, f"scales must be float32 of shape [{N}], got {_desc(scales)}")
+    if bias is not None and (bias.dtype != x.dtype or bias.dim() != 1 or bias.shape[0] != N):
+        _fail(op, f"bias must be {dtype_name(x.dtype)} of shape [{N}], got {_desc(bias)}")
+    if x.device.type == "cuda":
+        _check_capability(op, x.device)
+        if K % 16 != 0:
+            _fail(op, f"K must be a multiple of 16 on CUDA, got K={K}")
+
+
+def check_decode_attention(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           length: torch.Tensor, scores: torch.Tensor | None) -> None:
+    """Validate the arguments of w8a16.decode_attention."""
+    _check_devices(op, [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("length", length),
+                        ("scores", scores)])
+    allowed, allowed_txt = _act_dtypes(q.device)
+    if q.dtype not in allowed:
+        _fail(op, f"q must be {allowed_txt}, got {dtype_name(q.dtype)}")
+    if q.dim() != 3:
+        _fail(op, f"q must have shape [B, H, D], got {_desc(q)}")
+    B, H, D = q.shape
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype or t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
+            _fail(op, f"{name} must be {dtype_name(q.dtype)} of shape [{B}, {H}, S, {D}], got {_desc(t)}")
+        if not t.is_contiguous():
+            _fail(op, f"{name} must be contiguous, got strides {list(t.stride())}")
+    S = k_cache.shape[2]
+    if v_cache.shape[2] != S:
+        _fail(op, f"v_cache must have S={S} slots like k_cache, got {_desc(v_cache)}")
+    if length.dtype != torch.int32 or length.dim() != 1 or length.shape[0] != B:
+        _fail(op, f"length must be int32 of shape [{B}], got {_desc(length)}")
+    if scores is not None:
+        if scores.dtype != torch.float32 or list(scores.shape) != [B, H, S]:
+            _fail(op, f"scores must be float32 of shape [{B}, {H}, {S}], got {_desc(scores)}")
+        if not scores.is_contiguous():
+            _fail(op, f"scores must be contiguous, got strides {list(scores.stride())}")
+    if q.device.type == "cuda":
+        _check_capability(op, q.device)
+        if D % 8 != 0 or D > 256:
+            _fail(op, f"head_dim D must be a multiple of 8 and at most 256 on CUDA, got D={D}")
