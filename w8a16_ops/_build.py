@@ -63,8 +63,8 @@ def load_extension(verbose: bool = False) -> bool:
         load(
             name="w8a16_cuda",
             sources=[str(_CSRC / s) for s in _SOURCES],
-            extra_cflags=["-O3", "-std=c++17"],
-            extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=verbose,

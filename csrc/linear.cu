@@ -1,0 +1,408 @@
+// W8A16 linear: y[M, N] = act((x[M, K] @ w[N, K]^T) * scales[N] + bias[N]).
+//
+// x is fp16 or bf16, w int8 (row-major, as stored by torch), scales fp32, fp32
+// accumulation on tensor cores (mma.sync.m16n8k16), dequantization in registers
+// and scale / bias / exact-erf GeLU in the epilogue. No torch headers here: this
+// file compiles in seconds; csrc/ops.cpp does the checks and the dispatch.
+//
+// Two kernels:
+//  * gemv (M <= 32, decoding): "swap AB". The weight tile is the mma A operand
+//    (16 output channels x 16 k), the activations are B (16 k x 8 tokens). Each
+//    thread loads 16 contiguous weight bytes of one row straight from global
+//    memory. A dot product does not depend on the order of k, so we *define* the
+//    fragment's logical k order to be the one the contiguous load gives, and feed
+//    x in the same order: no shuffles, no shared memory, 16-byte loads for both.
+//    Warps of a block split K; one reduction through shared memory at the end.
+//  * gemm (M > 32, prefill): 128x128x32 block tile, 8 warps of 64x32, 4-stage
+//    cp.async pipeline, x through ldmatrix from an XOR-swizzled tile, int8 w
+//    through 32-bit shared loads + one byte_perm that puts each thread's fragment
+//    bytes together, then dequantized in registers.
+//
+// int8 -> fp16 uses the FasterTransformer trick: bias the byte to unsigned with
+// an xor, splice it under the exponent of 1024.0 (0x64) with byte_perm, subtract
+// 1152 = 1024 + 128 with one sub.f16x2: 4 values in 5 instructions, exact.
+// bf16 goes through fp32 (2^23 + u) - (2^23 + 128), exact, then keeps the high halves.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+template <typename T>
+struct Dequant;
+
+template <>
+struct Dequant<__half> {
+  // w: 4 int8 in one register. lo = (w.b0, w.b1), hi = (w.b2, w.b3) as half2.
+  static __device__ __forceinline__ void run(uint32_t w, uint32_t& lo, uint32_t& hi) {
+    const uint32_t u = w ^ 0x80808080u;
+    const uint32_t a = __byte_perm(u, 0x64646464u, 0x4140);
+    const uint32_t b = __byte_perm(u, 0x64646464u, 0x4342);
+    const uint32_t magic = 0x64806480u;  // half2(1152, 1152)
+    asm("sub.f16x2 %0, %1, %2;" : "=r"(lo) : "r"(a), "r"(magic));
+    asm("sub.f16x2 %0, %1, %2;" : "=r"(hi) : "r"(b), "r"(magic));
+  }
+};
+
+template <>
+struct Dequant<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(uint32_t w, uint32_t& lo, uint32_t& hi) {
+    const uint32_t u = w ^ 0x80808080u;
+    const float f0 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540)) - 8388736.f;
+    const float f1 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7541)) - 8388736.f;
+    const float f2 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7542)) - 8388736.f;
+    const float f3 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7543)) - 8388736.f;
+    // Small integers are exact in bf16: keep the high 16 bits of each float.
+    lo = __byte_perm(__float_as_uint(f0), __float_as_uint(f1), 0x7632);
+    hi = __byte_perm(__float_as_uint(f2), __float_as_uint(f3), 0x7632);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b);
+
+template <>
+__device__ __forceinline__ void mma16816<__half>(float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <bool GELU>
+__device__ __forceinline__ float epilogue(float acc, float scale, float bias) {
+  float y = fmaf(acc, scale, bias);
+  if (GELU) y = 0.5f * y * (1.0f + erff(y * 0.70710678118654752440f));
+  return y;
+}
+
+__device__ __forceinline__ uint4 ldg_stream(const void* p) {
+  // Weights are read once per call: don't let them evict x from L1.
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ uint4 ldg(const void* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+// ---------------------------------------------------------------------------------
+// gemv: M <= 8 * NT. One block = 16 output channels x all of K; WARPS warps split K
+// in chunks of 128. Lane (g, t) = (lane / 4, lane % 4) loads, per chunk and half h,
+// w[row g and g + 8][kb + 64h + 16t : +16] and x[token 8j + g][same k range].
+// For k16 step s of that half, its fragment's logical columns {2t, 2t+1, 2t+8, 2t+9}
+// are the actual k = base + 4s + {0, 1, 2, 3} in both operands.
+template <typename T, int NT, int WARPS, bool GELU>
+__global__ void __launch_bounds__(WARPS * 32)
+    gemv_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ scales,
+                const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K) {
+  constexpr int UNROLL = 2;  // chunks whose loads are in flight together
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 16;
+  const bool v0 = n0 + g < N, v1 = n0 + g + 8 < N;
+  const int8_t* w0 = w + (size_t)(v0 ? n0 + g : 0) * K;
+  const int8_t* w1 = w + (size_t)(v1 ? n0 + g + 8 : 0) * K;
+  const T* xrow[NT];
+  bool xv[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    xv[j] = 8 * j + g < M;
+    xrow[j] = x + (size_t)(xv[j] ? 8 * j + g : 0) * K;
+  }
+
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+
+  const int nchunks = (K + 127) >> 7;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int c0 = warp; c0 < nchunks; c0 += WARPS * UNROLL) {
+    uint4 wa[UNROLL][2][2];      // [chunk][row g / g+8][half]
+    uint4 xa[UNROLL][NT][2][2];  // [chunk][token tile][half][16 B piece]
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int c = c0 + u * WARPS;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int off = (c << 7) + 64 * h + 16 * t;
+        const bool ok = c < nchunks && off < K;  // K % 16 == 0: a piece is all in or all out
+        wa[u][0][h] = (ok && v0) ? ldg_stream(w0 + off) : zero;
+        wa[u][1][h] = (ok && v1) ? ldg_stream(w1 + off) : zero;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const bool okx = ok && xv[j];
+          xa[u][j][h][0] = okx ? ldg(xrow[j] + off) : zero;
+          xa[u][j][h][1] = okx ? ldg(xrow[j] + off + 8) : zero;
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t* r0 = reinterpret_cast<const uint32_t*>(&wa[u][0][h]);
+        const uint32_t* r1 = reinterpret_cast<const uint32_t*>(&wa[u][1][h]);
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          uint32_t a[4];
+          Dequant<T>::run(r0[s], a[0], a[2]);
+          Dequant<T>::run(r1[s], a[1], a[3]);
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xa[u][j][h][0]);  // 8 words
+            const uint32_t b[2] = {xw[2 * s], xw[2 * s + 1]};
+            mma16816<T>(acc[j], a, b);
+          }
+        }
+      }
+    }
+  }
+
+  // Reduce the WARPS partial sums. C fragment: c0 (row g, col 2t), c1 (g, 2t+1),
+  // c2 (g+8, 2t), c3 (g+8, 2t+1); rows are channels, columns tokens.
+  __shared__ float red[WARPS][NT * 4][32];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][j * 4 + i][lane] = acc[j][i];
+  __syncthreads();
+  for (int e = threadIdx.x; e < NT * 4 * 32; e += WARPS * 32) {
+    const int ji = e >> 5, l = e & 31;
+    float s = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < WARPS; ++wi) s += red[wi][ji][l];
+    const int j = ji >> 2, i = ji & 3;
+    const int n = n0 + (l >> 2) + ((i & 2) ? 8 : 0);
+    const int m = 8 * j + 2 * (l & 3) + (i & 1);
+    if (n < N && m < M) {
+      const float b = bias ? to_float<T>(bias[n]) : 0.f;
+      y[(size_t)m * N + n] = from_float<T>(epilogue<GELU>(s, scales[n], b));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// gemm: M > 32.
+constexpr int BM = 128, BN = 128, BK = 32, STAGES = 4, GEMM_THREADS = 256;
+constexpr int A_STAGE_BYTES = BM * BK * 2;  // fp16/bf16
+constexpr int B_STAGE_BYTES = BN * BK;      // int8
+constexpr int GEMM_SMEM = STAGES * (A_STAGE_BYTES + B_STAGE_BYTES);
+
+__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, bool valid) {
+  const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// A tile: BM rows x BK halves = 4 chunks of 16 B per row; chunk c of row r lives
+// at chunk c ^ ((r >> 1) & 3), so ldmatrix's 8 row reads hit 8 distinct bank groups.
+__device__ __forceinline__ int a_offset(int row, int chunk) {
+  return row * (BK * 2) + ((chunk ^ ((row >> 1) & 3)) << 4);
+}
+// B tile: BN rows x BK bytes = 2 chunks per row; flipping the chunk of rows 4-7
+// (mod 8) makes the fragment reads of 8 rows conflict-free.
+__device__ __forceinline__ int b_offset(int row, int chunk) {
+  return row * BK + ((chunk ^ ((row >> 2) & 1)) << 4);
+}
+
+template <typename T, bool GELU>
+__global__ void __launch_bounds__(GEMM_THREADS, 2)
+    gemm_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ scales,
+                const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* sA = smem;
+  uint8_t* sB = smem + STAGES * A_STAGE_BYTES;
+  const uint32_t sA_u = static_cast<uint32_t>(__cvta_generic_to_shared(sA));
+  const uint32_t sB_u = static_cast<uint32_t>(__cvta_generic_to_shared(sB));
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int wm = warp >> 2, wn = warp & 3;  // warp tile: rows wm*64, cols wn*32
+  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+  const int KT = (K + BK - 1) / BK;
+
+  auto load_stage = [&](int stage, int kt) {
+    const int kb = kt * BK;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // A: 512 chunks of 8 halves
+      const int q = tid + i * GEMM_THREADS;
+      const int row = q >> 2, c = q & 3;
+      const int gm = m0 + row, gk = kb + c * 8;
+      const bool ok = gm < M && gk < K;
+      const T* src = x + (ok ? (size_t)gm * K + gk : 0);
+      cp_async16(sA_u + stage * A_STAGE_BYTES + a_offset(row, c), src, ok);
+    }
+    {  // B: 256 chunks of 16 bytes
+      const int row = tid >> 1, c = tid & 1;
+      const int gn = n0 + row, gk = kb + c * 16;
+      const bool ok = gn < N && gk < K;
+      const int8_t* src = w + (ok ? (size_t)gn * K + gk : 0);
+      cp_async16(sB_u + stage * B_STAGE_BYTES + b_offset(row, c), src, ok);
+    }
+  };
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < KT) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  const uint32_t sel = (t & 1) ? 0x7632u : 0x5410u;
+  for (int kt = 0; kt < KT; ++kt) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    {
+      const int nk = kt + STAGES - 1;
+      if (nk < KT) load_stage(nk % STAGES, nk);
+      cp_async_commit();
+    }
+    const int stage = kt % STAGES;
+    const uint32_t aBase = sA_u + stage * A_STAGE_BYTES;
+    const uint8_t* bBase = sB + stage * B_STAGE_BYTES;
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {  // two k16 steps per BK = 32
+      uint32_t af[4][4];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        const int row = wm * 64 + mi * 16 + (lane & 15);
+        ldmatrix_x4(af[mi], aBase + a_offset(row, s * 2 + (lane >> 4)));
+      }
+      uint32_t bf[4][2];
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        const int row = wn * 32 + ni * 8 + g;
+        const uint8_t* p = bBase + b_offset(row, s) + 4 * (t >> 1);
+        const uint32_t wa = *reinterpret_cast<const uint32_t*>(p);      // k 4(t/2) .. +3
+        const uint32_t wb = *reinterpret_cast<const uint32_t*>(p + 8);  // k 8 + 4(t/2) .. +3
+        // bytes k = 2t, 2t+1, 2t+8, 2t+9 of this k16 step: the B fragment's order.
+        Dequant<T>::run(__byte_perm(wa, wb, sel), bf[ni][0], bf[ni][1]);
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: c0 (row g, col 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1);
+  // rows are tokens, columns channels.
+  const bool pair_ok = (N & 1) == 0;
+#pragma unroll
+  for (int ni = 0; ni < 4; ++ni) {
+    const int n = n0 + wn * 32 + ni * 8 + 2 * t;
+    if (n >= N) continue;
+    const bool has1 = n + 1 < N;
+    const float s0 = scales[n], s1 = has1 ? scales[n + 1] : 0.f;
+    const float b0 = bias ? to_float<T>(bias[n]) : 0.f;
+    const float b1 = (bias && has1) ? to_float<T>(bias[n + 1]) : 0.f;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int m = m0 + wm * 64 + mi * 16 + g + 8 * hr;
+        if (m >= M) continue;
+        const T o0 = from_float<T>(epilogue<GELU>(acc[mi][ni][2 * hr], s0, b0));
+        T* dst = y + (size_t)m * N + n;
+        if (pair_ok) {
+          const T o1 = from_float<T>(epilogue<GELU>(acc[mi][ni][2 * hr + 1], s1, b1));
+          T pair[2] = {o0, o1};
+          *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<uint32_t*>(pair);
+        } else {
+          dst[0] = o0;
+          if (has1) dst[1] = from_float<T>(epilogue<GELU>(acc[mi][ni][2 * hr + 1], s1, b1));
+        }
+      }
+    }
+  }
+}
+
+template <typename T, bool GELU>
+cudaError_t launch(const void* x, const int8_t* w, const float* scales, const void* bias, void* y, int M,
+                   int N, int K, cudaStream_t stream) {
+  const T* xp = static_cast<const T*>(x);
+  const T* bp = static_cast<const T*>(bias);
+  T* yp = static_cast<T*>(y);
+  if (M <= 32) {
+    constexpr int WARPS = 8;
+    const dim3 grid((N + 15) / 16), block(WARPS * 32);
+    if (M <= 8)
+      gemv_kernel<T, 1, WARPS, GELU><<<grid, block, 0, stream>>>(xp, w, scales, bp, yp, M, N, K);
+    else if (M <= 16)
+      gemv_kernel<T, 2, WARPS, GELU><<<grid, block, 0, stream>>>(xp, w, scales, bp, yp, M, N, K);
+    else
+      gemv_kernel<T, 4, WARPS, GELU><<<grid, block, 0, stream>>>(xp, w, scales, bp, yp, M, N, K);
+    return cudaGetLastError();
+  }
+  static bool attr_set = false;  // per template instance
+  if (!attr_set) {
+    cudaError_t e = cudaFuncSetAttribute(gemm_kernel<T, GELU>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         GEMM_SMEM);
+    if (e != cudaSuccess) return e;
+    attr_set = true;
+  }
+  const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM);
+  gemm_kernel<T, GELU><<<grid, GEMM_THREADS, GEMM_SMEM, stream>>>(xp, w, scales, bp, yp, M, N, K);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+// dtype_code: 0 = float16, 1 = bfloat16. bias may be null. Shapes: x [M, K], w [N, K],
+// scales [N], bias [N], y [M, N], all contiguous; K % 16 == 0.
+cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, const void* bias, void* y,
+                         int M, int N, int K, int dtype_code, bool gelu, cudaStream_t stream) {
+  if (M == 0 || N == 0) return cudaSuccess;
+  if (dtype_code == 0)
+    return gelu ? launch<__half, true>(x, w, scales, bias, y, M, N, K, stream)
+                : launch<__half, false>(x, w, scales, bias, y, M, N, K, stream);
+  return gelu ? launch<__nv_bfloat16, true>(x, w, scales, bias, y, M, N, K, stream)
+              : launch<__nv_bfloat16, false>(x, w, scales, bias, y, M, N, K, stream);
+}

@@ -1,0 +1,335 @@
+"""w8a16.linear / w8a16.linear_gelu: reference, fake, opcheck, compile, CUDA kernels, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import w8a16_ops
+from w8a16_ops import quantize_per_channel, reference
+
+OPS = {"linear": torch.ops.w8a16.linear, "linear_gelu": torch.ops.w8a16.linear_gelu}
+
+# Pythia-2.8B shapes (N, K) and the sizes the issue asks for.
+PYTHIA_28B = {"qkv": (7680, 2560), "attn_out": (2560, 2560), "mlp_up": (10240, 2560),
+              "mlp_down": (2560, 10240), "lm_head": (50304, 2560)}
+AWKWARD_N = [(2568, 2560), (50277, 2560), (1, 2560)]
+MS = [1, 2, 4, 8, 16, 32, 128, 2048, 3, 17, 33, 100]
+
+
+def make_inputs(M, N, K, dtype, device, bias=True, x_scale=1.0):
+    x = (torch.randn(M, K, device=device) * x_scale).to(dtype)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
+    s = (torch.rand(N, device=device) * 2e-3 + 1e-4).float()
+    b = torch.randn(N, device=device).to(dtype) if bias else None
+    return x, w, s, b
+
+
+def oracle(x, w, s, b, gelu):
+    """fp32 reference from the dequantized weights."""
+    y = x.float() @ (w.float() * s[:, None]).t()
+    if b is not None:
+        y = y + b.float()
+    return F.gelu(y) if gelu else y
+
+
+def torch_same_precision(x, w, s, b, gelu):
+    """What a user would write in torch at the activation precision."""
+    y = F.linear(x, w.to(x.dtype)) * s
+    if b is not None:
+        y = y + b
+    y = y.to(x.dtype)
+    return F.gelu(y) if gelu else y
+
+
+def rel_err(a, ref):
+    return ((a.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------- CPU
+
+
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cpu_matches_fp64_formula(name, dtype):
+    x, w, s, b = make_inputs(5, 24, 48, dtype, "cpu")
+    y = OPS[name](x, w, s, b)
+    ref = x.double() @ w.double().t() * s.double() + b.double()
+    if name == "linear_gelu":
+        ref = F.gelu(ref)
+    assert y.dtype == dtype and y.shape == (5, 24)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6}[dtype]
+    assert rel_err(y, ref.float()) < tol
+
+
+def test_cpu_leading_dims_and_no_bias():
+    x, w, s, _ = make_inputs(6, 40, 32, torch.bfloat16, "cpu")
+    x3 = x.view(2, 3, 32)
+    y = torch.ops.w8a16.linear(x3, w, s)
+    assert y.shape == (2, 3, 40)
+    torch.testing.assert_close(y.view(6, 40), reference.linear(x, w, s, None))
+
+
+def test_gelu_is_exact_erf():
+    x, w, s, b = make_inputs(4, 16, 32, torch.float32, "cpu")
+    y = torch.ops.w8a16.linear_gelu(x, w, s, b)
+    pre = torch.ops.w8a16.linear(x, w, s, b)
+    torch.testing.assert_close(y, 0.5 * pre * (1 + torch.erf(pre / 2 ** 0.5)))
+    assert not torch.allclose(y, F.gelu(pre, approximate="tanh"), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_cpu(name, bias):
+    x, w, s, b = make_inputs(3, 32, 64, torch.bfloat16, "cpu", bias=bias)
+    torch.library.opcheck(OPS[name], (x, w, s, b))
+
+
+class TwoOps(torch.nn.Module):
+    def __init__(self, K, H, dtype, device):
+        super().__init__()
+        w1, s1 = quantize_per_channel(torch.randn(H, K, device=device))
+        w2, s2 = quantize_per_channel(torch.randn(K, H, device=device))
+        self.register_buffer("w1", w1)
+        self.register_buffer("s1", s1)
+        self.register_buffer("w2", w2)
+        self.register_buffer("s2", s2)
+        self.register_buffer("b1", torch.randn(H, device=device).to(dtype))
+
+    def forward(self, x):
+        h = torch.ops.w8a16.linear_gelu(x, self.w1, self.s1, self.b1)
+        return torch.ops.w8a16.linear(h, self.w2, self.s2, None)
+
+
+def test_compile_fullgraph_equals_eager_cpu():
+    torch._dynamo.reset()
+    m = TwoOps(64, 128, torch.float32, "cpu")
+    x = torch.randn(2, 5, 64)
+    compiled = torch.compile(m, fullgraph=True)
+    torch.testing.assert_close(compiled(x), m(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ quantization
+
+
+def test_quantize_per_channel_roundtrip_and_zero_rows():
+    w = torch.randn(64, 96)
+    w[3] = 0.0
+    q, s = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (64,)
+    assert q.abs().max() <= 127 and torch.isfinite(s).all()
+    assert (q[3] == 0).all() and s[3] == 1.0
+    deq = w8a16_ops.dequantize_per_channel(q, s)
+    # symmetric rounding: error at most half a step per element
+    assert ((deq - w).abs() <= s[:, None] / 2 + 1e-7).all()
+    # the largest magnitude of every non-zero row maps to +-127
+    nz = torch.arange(64) != 3
+    assert (q[nz].abs().amax(dim=1) == 127).all()
+
+
+def test_quantize_per_channel_rejects_bad_input():
+    with pytest.raises(ValueError, match="quantize_per_channel: w must be a floating tensor of shape"):
+        quantize_per_channel(torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize_per_channel(torch.tensor([[1.0, float("nan")]]))
+
+
+# ---------------------------------------------------------------------- bad input
+
+def _bad_cases(device):
+    dt = torch.float16
+    x, w, s, b = make_inputs(4, 32, 64, dt, device)
+    cases = [
+        ("x must be float16 or bfloat16", (x.double(), w, s, b)),
+        ("x must have shape \\[..., K\\], got a 0-d tensor", (x[0, 0], w, s, b)),
+        ("weight must be int8 of shape \\[N, K\\], got float16 \\[32, 64\\]", (x, w.half(), s, b)),
+        ("weight must be int8 of shape \\[N, K\\], got int8 \\[2048\\]", (x, w.flatten(), s, b)),
+        ("weight must be contiguous", (x, w.t().contiguous().t(), s, b)),
+        ("K mismatch: x has K=48 in its last dim, weight \\[N, K\\] has K=64", (x[:, :48], w, s, b)),
+        ("scales must be float32 of shape \\[32\\], got float16 \\[32\\]", (x, w, s.half(), b)),
+        ("scales must be float32 of shape \\[32\\], got float32 \\[31\\]", (x, w, s[:31], b)),
+        ("bias must be float16 of shape \\[32\\], got float32 \\[32\\]", (x, w, s, b.float())),
+        ("bias must be float16 of shape \\[32\\], got float16 \\[2, 16\\]", (x, w, s, b.view(2, 16))),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("idx", range(10))
+def test_bad_input_same_error_eager_and_compiled_cpu(name, idx):
+    msg, args = _bad_cases("cpu")[idx]
+    op = OPS[name]
+    full = f"w8a16.{name}: {msg}"
+    if "float16 or bfloat16" in msg:
+        full = f"w8a16.{name}: x must be float16, bfloat16 or float32, got float64"
+    with pytest.raises(RuntimeError, match=full):
+        op(*args)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=full):
+        torch.compile(lambda *a: op(*a), fullgraph=True)(*args)
+
+
+# --------------------------------------------------------------------------- CUDA
+
+cuda = pytest.mark.cuda
+
+
+def _cases_numerics():
+    out = []
+    for shape_name, (N, K) in PYTHIA_28B.items():
+        for M in MS:
+            out.append((shape_name, M, N, K))
+    for N, K in AWKWARD_N:
+        for M in (1, 5, 16, 33, 100):
+            out.append((f"N={N}", M, N, K))
+    out.append(("K=320", 7, 1280, 320))  # tiny-neox-a: K not a multiple of the 128-wide chunk
+    out.append(("K=80", 40, 96, 80))
+    return out
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", _cases_numerics(), ids=lambda c: f"{c[0]}-M{c[1]}")
+def test_cuda_numerics_vs_fp32_oracle(case, dtype):
+    _, M, N, K = case
+    x, w, s, b = make_inputs(M, N, K, dtype, "cuda")
+    for name, gelu in (("linear", False), ("linear_gelu", True)):
+        ref = oracle(x, w, s, b, gelu)
+        ours = OPS[name](x, w, s, b)
+        peer = torch_same_precision(x, w, s, b, gelu)
+        assert ours.shape == (M, N) and ours.dtype == dtype
+        assert torch.isfinite(ours).all()
+        e_ours, e_peer = rel_err(ours, ref), rel_err(peer, ref)
+        # 2x the same-precision torch error, plus a floor for the (rare) exact peer
+        assert e_ours <= 2 * e_peer + 1e-6, f"{name}: ours {e_ours:.3e} vs torch {e_peer:.3e}"
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("M", [1, 16, 256])
+def test_cuda_large_magnitude_inputs_stay_finite(M, dtype):
+    # x @ w.T reaches ~1e6 before scaling, beyond fp16's range: the kernel scales in
+    # fp32 before rounding, so the (in-range) result stays finite.
+    N, K = 512, 4096
+    x, w, s, b = make_inputs(M, N, K, dtype, "cuda", x_scale=100.0)
+    s = torch.full_like(s, 1e-3)
+    ref = oracle(x, w, s, b, False)
+    assert ref.abs().max() < 6e4  # the true result is in fp16 range
+    y = torch.ops.w8a16.linear(x, w, s, b)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) < 1e-2
+
+
+@cuda
+def test_cuda_no_bias_and_leading_dims():
+    x, w, s, _ = make_inputs(12, 256, 512, torch.float16, "cuda")
+    y = torch.ops.w8a16.linear(x.view(3, 4, 512), w, s)
+    assert y.shape == (3, 4, 256)
+    assert rel_err(y.view(12, 256), oracle(x, w, s, None, False)) < 2e-3
+
+
+@cuda
+def test_cuda_noncontiguous_x_is_accepted():
+    x, w, s, b = make_inputs(64, 128, 256, torch.bfloat16, "cuda")
+    xt = x.t().contiguous().t()
+    torch.testing.assert_close(torch.ops.w8a16.linear(xt, w, s, b), torch.ops.w8a16.linear(x, w, s, b))
+
+
+@cuda
+def test_cuda_writes_every_output():
+    # Poisoning the caching allocator's next block: outputs must all be overwritten.
+    for M in (1, 9, 20, 77):
+        junk = torch.full((M, 1000), float("nan"), device="cuda", dtype=torch.float16)
+        del junk
+        x, w, s, b = make_inputs(M, 1000, 256, torch.float16, "cuda")
+        y = torch.ops.w8a16.linear(x, w, s, b)
+        assert torch.isfinite(y).all()
+
+
+@cuda
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("M", [1, 40])
+def test_opcheck_cuda(name, M):
+    x, w, s, b = make_inputs(M, 256, 512, torch.bfloat16, "cuda")
+    torch.library.opcheck(OPS[name], (x, w, s, b))
+
+
+@cuda
+def test_compile_fullgraph_equals_eager_cuda():
+    torch._dynamo.reset()
+    m = TwoOps(512, 1024, torch.float16, "cuda")
+    for M in (1, 64):
+        x = torch.randn(M, 512, device="cuda", dtype=torch.float16)
+        torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x), rtol=0, atol=0)
+
+
+@cuda
+def test_reduce_overhead_really_captures_cuda_graph():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    m = TwoOps(512, 1024, torch.float16, "cuda")
+    x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
+    f = torch.compile(m, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        y = f(x)
+    torch.testing.assert_close(y, m(x), rtol=0, atol=0)
+    assert counters["inductor"]["cudagraph_skips"] == 0, "inductor skipped CUDA graphs"
+    # The output of a replayed graph lives in the cudagraph memory pool.
+    from torch._inductor import cudagraph_trees
+
+    mgr = cudagraph_trees.get_container(x.device.index).tree_manager
+    assert mgr is not None and len(mgr.roots) > 0, "no CUDA graph was recorded"
+
+
+@cuda
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("idx", range(10))
+def test_bad_input_same_error_eager_and_compiled_cuda(name, idx):
+    msg, args = _bad_cases("cuda")[idx]
+    op = OPS[name]
+    full = f"w8a16.{name}: {msg}"
+    with pytest.raises(RuntimeError, match=full):
+        op(*args)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=full):
+        torch.compile(lambda *a: op(*a), fullgraph=True)(*args)
+
+
+@cuda
+@pytest.mark.parametrize("name", list(OPS))
+def test_mixed_devices_error(name):
+    x, w, s, b = make_inputs(4, 32, 64, torch.float16, "cuda")
+    msg = (f"w8a16.{name}: all tensors must be on the same device, got x on cuda:0, weight on cpu, "
+           "scales on cuda:0, bias on cuda:0")
+    with pytest.raises(RuntimeError, match=msg):
+        OPS[name](x, w.cpu(), s, b)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=msg):
+        torch.compile(lambda *a: OPS[name](*a), fullgraph=True)(x, w.cpu(), s, b)
+
+
+@cuda
+@pytest.mark.parametrize("name", list(OPS))
+def test_k_multiple_of_16_error(name):
+    x, w, s, b = make_inputs(4, 32, 40, torch.float16, "cuda")
+    msg = f"w8a16.{name}: K must be a multiple of 16 on CUDA, got K=40"
+    with pytest.raises(RuntimeError, match=msg):
+        OPS[name](x, w, s, b)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=msg):
+        torch.compile(lambda *a: OPS[name](*a), fullgraph=True)(x, w, s, b)
+
+
+@cuda
+def test_old_gpu_gate_in_fake(monkeypatch):
+    # The kernel side reads the real device; the trace-time check is exercised by
+    # pretending the GPU is a Turing (sm_75) card.
+    import w8a16_ops._checks as checks
+
+    monkeypatch.setattr(checks.torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
+    x, w, s, b = make_inputs(4, 32, 64, torch.float16, "cuda")
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="w8a16.linear: requires compute capability >= 8.0, found 7.5"):
+        torch.compile(lambda *a: torch.ops.w8a16.linear(*a), fullgraph=True)(x, w, s, b)
