@@ -1,0 +1,593 @@
+// Single-query (decode) attention over a KV cache, with optional in-place accumulation
+// of the softmax probabilities (H2O's score).
+//
+//   out[b,h,:]     = softmax(scale * q[b,h,:] . k[b,h,s,:] for s < length[b]) @ v[b,h,:length[b],:]
+//   scores[b,h,s] += that probability, for s < length[b]          (when scores != nullptr)
+//
+// Pure CUDA (no torch headers) so that it compiles in seconds; csrc/ops.cpp checks the
+// arguments and calls the two host functions at the bottom of this file.
+//
+// Design (memory-bound: every byte of the valid part of K and V is read exactly once).
+// * Grid: one block per (b, h, split). The number of splits NS is chosen on the host from
+//   B*H, S and the occupancy, never from `length` (that lives on the device and changes
+//   between CUDA-graph replays). Each block reads length[b] and takes the split's share of
+//   [0, length[b]), rounded to whole 32-token tiles; a block whose share is empty exits.
+//   Large B*H gets NS = 1 (B=16, H=32: 512 pairs, fewer than the 660 blocks of the D=80
+//   kernel resident at once on an H100): each block finishes its (b, h) alone, with no
+//   second kernel. Small B*H (B=1) splits S
+//   (flash-decoding) and a combine kernel merges the partial (max, sum, acc) triples.
+// * Inside a block: tiles of 32 tokens of K and V are streamed into shared memory with
+//   cp.async, STAGES deep, so 2-3 tiles per block are in flight while one is computed.
+//   Thread t owns one 16-byte slice `part = t % VEC` of the head dimension (VEC = D / 8)
+//   for tokens t / VEC + TOKS * r; so its 8 q values and 8 fp32 output accumulators stay
+//   in registers for any D, and every shared-memory access of a warp is consecutive.
+//   q.k partials go through shared memory (VEC does not have to divide 32, D = 80);
+//   then every warp, one lane per token, sums them and runs the online softmax (log2
+//   domain, fp32) redundantly, which saves a barrier.
+// * Scores need the final max and sum of the (b, h): the raw logits go to a workspace
+//   [B*H, S] fp32 as they are computed and are normalised at the end, by the block itself
+//   (NS = 1) or by the combine kernel. That costs 8 extra bytes per token, against 4*D of K+V.
+// * Alignment: q, k, v and out are normally 16-byte aligned (D % 8 == 0); views with an odd
+//   storage offset fall back to a synchronous, element-wise variant of the generic kernel.
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+namespace {
+
+constexpr int kTile = 32;             // tokens per pipeline stage; one lane per token in the softmax
+constexpr int kMaxSplits = 64;        // the combine kernel holds two splits per lane of one warp
+constexpr int kMinSplitTokens = 64;   // do not split S finer than this
+constexpr int kScoreChunk = 1024;     // tokens of `scores` per combine block
+constexpr int kCombineThreads = 256;
+constexpr int kGenericThreads = 256;  // block size of the runtime-VEC kernel
+constexpr int kMaxDevices = 64;
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct Params {
+  const void* q;          // [B*H, D]
+  const void* k;          // [B*H, S, D]
+  const void* v;          // [B*H, S, D]
+  const int* length;      // [B]
+  float* scores;          // [B*H, S] or nullptr
+  void* out;              // [B*H, D]
+  float* logits;          // workspace [B*H, S]: logits * scale * log2(e) (only with scores)
+  float* part_acc;        // workspace [B*H, NS, D]: unnormalised partial outputs (NS > 1)
+  float* part_ml;         // workspace [B*H, NS, 2]: partial (max, sum) (NS > 1)
+  int H, S, D, vec, splits;
+  float qscale;           // scale * log2(e): softmax in base 2
+};
+
+// ---------------------------------------------------------------------------------------
+// Device helpers
+
+template <typename T> struct Elem;
+template <> struct Elem<__half> {
+  static __device__ __forceinline__ float2 pair(uint32_t w) {
+    __half2_raw r;
+    r.x = static_cast<unsigned short>(w & 0xffffu);
+    r.y = static_cast<unsigned short>(w >> 16);
+    return __half22float2(__half2(r));
+  }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+};
+template <> struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float2 pair(uint32_t w) {
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) {
+    return __float2bfloat16_rn(x);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
+  const float2 a = Elem<T>::pair(u.x), b = Elem<T>::pair(u.y);
+  const float2 c = Elem<T>::pair(u.z), d = Elem<T>::pair(u.w);
+  f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y;
+  f[4] = c.x; f[5] = c.y; f[6] = d.x; f[7] = d.y;
+}
+
+// 8 consecutive 16-bit elements; `src` 16-byte aligned when ALIGNED, 2-byte aligned otherwise.
+template <bool ALIGNED>
+__device__ __forceinline__ uint4 load8(const uint16_t* src) {
+  if constexpr (ALIGNED) {
+    return *reinterpret_cast<const uint4*>(src);
+  } else {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = uint32_t(src[2 * i]) | (uint32_t(src[2 * i + 1]) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+// 16-byte shared-memory load. Spelled out because, for fp16, the compiler otherwise splits the
+// uint4 into four 32-bit loads (seen in the PTX).
+__device__ __forceinline__ uint4 lds128(const uint4* p) {
+  uint4 u;
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+               : "r"(a)
+               : "memory");
+  return u;
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+// XOR butterfly: every lane adds the same operands (commuted), so all lanes get identical bits.
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Tokens [s0, s1) of a row of `len` valid slots handled by `split` of `splits`.
+// Shared by the split and combine kernels, so they agree on which splits hold data.
+__device__ __forceinline__ int split_chunk(int len, int splits) {
+  const int chunk = (len + splits - 1) / splits;
+  return (chunk + kTile - 1) / kTile * kTile;
+}
+
+__device__ __forceinline__ int clamp_length(const Params& p, int b) {
+  // The contract is 1 <= length <= S; clamp so that a bad value can never read out of bounds.
+  return min(max(p.length[b], 0), p.S);
+}
+
+// ---------------------------------------------------------------------------------------
+// Main kernel: one block per (b*H + h, split).
+//   VEC     D / 8 at compile time, or 0 for any D % 8 == 0 (read from p.vec).
+//   NT      threads; NT = TOKS * VEC with TOKS a power of two dividing 32.
+//   STAGES  cp.async pipeline depth (tiles of K+V in shared memory).
+//   ALIGNED q, k, v, out 16-byte aligned (cp.async); otherwise element-wise loads.
+template <typename T, int VEC, int NT, int STAGES, bool ALIGNED>
+__global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params p) {
+  static_assert(NT % 32 == 0, "whole warps");
+  constexpr int kVecDiv = VEC > 0 ? VEC : 1;  // keeps the compile-time divisions below defined
+  static_assert(VEC == 0 || (NT % kVecDiv == 0 && kTile % (NT / kVecDiv) == 0), "TOKS must divide 32");
+  static_assert(VEC != 0 || NT >= 256, "runtime VEC <= 32 needs TOKS >= 8");
+  static_assert(STAGES >= 2, "pipeline depth");
+  constexpr int kToksStatic = VEC > 0 ? NT / kVecDiv : 0;
+  constexpr int kRounds = VEC > 0 ? kTile / kToksStatic : kTile / 8;  // tokens per thread per tile
+  constexpr int kCopyRounds = VEC > 0 ? (kTile * VEC + NT - 1) / NT : (kTile * 32 + NT - 1) / NT;
+
+  const int vec = VEC > 0 ? VEC : p.vec;
+  const int D = vec * 8;
+  int toks = kToksStatic;  // tokens processed side by side
+  if constexpr (VEC == 0) {
+    toks = 32;
+    while (toks * vec > NT) toks >>= 1;
+  }
+  const int rs = vec | 1;  // padded row of the q.k partials: odd stride, conflict-free reads
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int part = tid % vec;     // which 8 elements of the head dim this thread owns
+  const int tk = tid / vec;       // first token of this thread inside a tile
+  const bool active = VEC > 0 || tk < toks;
+
+  const int bh = blockIdx.x / p.splits;
+  const int split = blockIdx.x - bh * p.splits;
+  const int b = bh / p.H;
+  const int len = clamp_length(p, b);
+  const int chunk = split_chunk(len, p.splits);
+  const int s0 = split * chunk;
+  const int s1 = min(len, s0 + chunk);
+  if (s0 >= s1) {
+    // Empty share. With one split that only happens for length 0: define out = 0.
+    if (p.splits == 1)
+      for (int d = tid; d < D; d += NT)
+        reinterpret_cast<T*>(p.out)[(size_t)bh * D + d] = Elem<T>::from_float(0.f);
+    return;
+  }
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint4* s_kv = reinterpret_cast<uint4*>(smem_raw);                   // [STAGES][2][kTile*vec]
+  float* s_red = reinterpret_cast<float*>(s_kv + STAGES * 2 * kTile * vec);  // [kTile][rs]
+  float* s_fin = reinterpret_cast<float*>(smem_raw);  // [toks][D], reuses the stages at the end
+
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + (size_t)bh * p.S * D;
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + (size_t)bh * p.S * D;
+
+  float qf[8];
+  {
+    const uint4 u = load8<ALIGNED>(static_cast<const uint16_t*>(p.q) + (size_t)bh * D + part * 8);
+    unpack8<T>(u, qf);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) qf[i] *= p.qscale;
+  }
+
+  const int ntiles = (s1 - s0 + kTile - 1) / kTile;
+  // Tile j = tokens [s0 + 32 j, min(s0 + 32 j + 32, s1)); K and V of those tokens are
+  // contiguous in memory, n * vec 16-byte vectors each. Vectors past n are not copied
+  // (and never used: the softmax masks those tokens, the P.V loop skips them).
+  auto load_tile = [&](int j, int stage) {
+    const int t0 = s0 + j * kTile;
+    const int nv = min(kTile, s1 - t0) * vec;
+    uint4* sk = s_kv + stage * 2 * kTile * vec;
+    uint4* sv = sk + kTile * vec;
+    const uint16_t* kt = kg + (size_t)t0 * D;
+    const uint16_t* vt = vg + (size_t)t0 * D;
+#pragma unroll
+    for (int r = 0; r < kCopyRounds; ++r) {
+      const int i = tid + r * NT;
+      if (i < nv) {
+        if constexpr (ALIGNED) {
+          cp_async16(sk + i, kt + i * 8);
+          cp_async16(sv + i, vt + i * 8);
+        } else {
+          sk[i] = load8<false>(kt + i * 8);
+          sv[i] = load8<false>(vt + i * 8);
+        }
+      }
+    }
+  };
+
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < ntiles) load_tile(st, st);
+    cp_async_commit();
+  }
+
+  float acc[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+  float m = -INFINITY;  // running max of the logits (log2 domain), identical in every thread
+  float l = 0.f;        // running sum of exp2(logit - m), identical in every thread
+  float* logits_row = p.logits + (size_t)bh * p.S;
+
+  for (int j = 0; j < ntiles; ++j) {
+    cp_async_wait<STAGES - 2>();  // this thread's copies of tile j have landed
+    __syncthreads();              // everyone's have; and everyone is done with tile j - 1
+    if (j + STAGES - 1 < ntiles) load_tile(j + STAGES - 1, (j + STAGES - 1) % STAGES);
+    cp_async_commit();
+
+    const uint4* sk = s_kv + (j % STAGES) * 2 * kTile * vec;
+    const uint4* sv = sk + kTile * vec;
+    const int t0 = s0 + j * kTile;
+    const int n = min(kTile, s1 - t0);
+
+    // q . k partials over this thread's 8 elements; all shared loads first, for overlap.
+    // The V slices are fetched here too, so their latency hides behind the softmax.
+    uint4 kr[kRounds], vr[kRounds];
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {
+      const int tok = tk + r * toks;
+      const bool use = active && tok < n;  // tokens past n hold stale data: never read them
+      kr[r] = use ? lds128(sk + tok * vec + part) : make_uint4(0, 0, 0, 0);
+      vr[r] = use ? lds128(sv + tok * vec + part) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {
+      const int tok = tk + r * toks;
+      if (active && tok < kTile) {
+        float kf[8];
+        unpack8<T>(kr[r], kf);
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dot = fmaf(qf[i], kf[i], dot);
+        s_red[tok * rs + part] = dot;
+      }
+    }
+    __syncthreads();
+
+    // Online softmax, redundantly in every warp: lane = token of the tile.
+    float x = -INFINITY;
+    if (lane < n) {
+      float dot = 0.f;
+      if constexpr (VEC > 0) {
+#pragma unroll
+        for (int pp = 0; pp < VEC; ++pp) dot += s_red[lane * rs + pp];
+      } else {
+        for (int pp = 0; pp < vec; ++pp) dot += s_red[lane * rs + pp];
+      }
+      x = dot;
+    }
+    const float m_new = fmaxf(m, warp_max(x));  // finite: the tile holds >= 1 valid token
+    const float alpha = exp2f(m - m_new);       // 0 on the first tile (m = -inf)
+    const float pr = exp2f(x - m_new);          // 0 for masked lanes
+    l = l * alpha + warp_sum(pr);
+    m = m_new;
+    if (p.scores != nullptr && warp == 0 && lane < n) logits_row[t0 + lane] = x;
+
+    // acc += p . v over this thread's tokens (zero slices for the masked ones).
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] *= alpha;
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {
+      const int tok = tk + r * toks;
+      const float pt = __shfl_sync(0xffffffffu, pr, tok & 31);
+      float vf[8];
+      unpack8<T>(vr[r], vf);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = fmaf(pt, vf[i], acc[i]);
+    }
+  }
+
+  // Reduce the accumulators of the `toks` threads that share a slice of the head dim.
+  cp_async_wait<0>();  // only empty groups can be pending; s_fin reuses the stages
+  __syncthreads();
+  if (active) {
+    float4* dst = reinterpret_cast<float4*>(s_fin + tk * D + part * 8);
+    dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+  }
+  __syncthreads();  // also publishes this block's logits (global) to all its threads
+
+  if (p.splits == 1) {
+    const float inv_l = 1.f / l;
+    T* out = reinterpret_cast<T*>(p.out) + (size_t)bh * D;
+    for (int d = tid; d < D; d += NT) {
+      float a = 0.f;
+      for (int t = 0; t < toks; ++t) a += s_fin[t * D + d];
+      out[d] = Elem<T>::from_float(a * inv_l);
+    }
+    if (p.scores != nullptr) {
+      float* sc = p.scores + (size_t)bh * p.S;
+      for (int s = s0 + tid; s < s1; s += NT) sc[s] += exp2f(logits_row[s] - m) * inv_l;
+    }
+  } else {
+    const size_t slot = (size_t)bh * p.splits + split;
+    float* pa = p.part_acc + slot * D;
+    for (int d = tid; d < D; d += NT) {
+      float a = 0.f;
+      for (int t = 0; t < toks; ++t) a += s_fin[t * D + d];
+      pa[d] = a;
+    }
+    if (tid == 0) {
+      p.part_ml[slot * 2] = m;
+      p.part_ml[slot * 2 + 1] = l;
+    }
+  }
+}
+
+// Merges the NS partial results of one (b, h): out = sum_i acc_i 2^(m_i - M) / L with
+// L = sum_i l_i 2^(m_i - M), and adds 2^(logit - M) / L to scores. Grid (B*H, ceil(S/1024)
+// with scores, else 1); block y handles tokens [1024 y, 1024 y + 1024) of scores, y = 0 the output.
+template <typename T>
+__global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kernel(const Params p) {
+  __shared__ float s_w[kMaxSplits];  // 2^(m_i - M) / L
+  __shared__ float s_stat[2];        // M, 1 / L
+  const int bh = blockIdx.x;
+  const int b = bh / p.H;
+  const int tid = threadIdx.x;
+  const int len = clamp_length(p, b);
+  const int chunk = split_chunk(len, p.splits);
+  const int nact = chunk > 0 ? (len + chunk - 1) / chunk : 0;  // splits that hold tokens
+  const float* ml = p.part_ml + (size_t)bh * p.splits * 2;
+
+  if (tid < 32) {
+    const int i0 = tid, i1 = tid + 32;
+    const float m0 = i0 < nact ? ml[2 * i0] : -INFINITY;
+    const float m1 = i1 < nact ? ml[2 * i1] : -INFINITY;
+    const float l0 = i0 < nact ? ml[2 * i0 + 1] : 0.f;
+    const float l1 = i1 < nact ? ml[2 * i1 + 1] : 0.f;
+    const float M = warp_max(fmaxf(m0, m1));
+    const float w0 = i0 < nact ? exp2f(m0 - M) : 0.f;
+    const float w1 = i1 < nact ? exp2f(m1 - M) : 0.f;
+    const float L = warp_sum(w0 * l0 + w1 * l1);
+    const float inv_l = nact > 0 ? 1.f / L : 0.f;
+    s_w[i0] = w0 * inv_l;
+    s_w[i1] = w1 * inv_l;
+    if (tid == 0) {
+      s_stat[0] = M;
+      s_stat[1] = inv_l;
+    }
+  }
+  __syncthreads();
+
+  if (blockIdx.y == 0) {
+    const float* pa = p.part_acc + (size_t)bh * p.splits * p.D;
+    T* out = reinterpret_cast<T*>(p.out) + (size_t)bh * p.D;
+    for (int d = tid; d < p.D; d += kCombineThreads) {
+      float a = 0.f;
+      for (int i = 0; i < nact; ++i) a = fmaf(pa[(size_t)i * p.D + d], s_w[i], a);
+      out[d] = Elem<T>::from_float(a);
+    }
+  }
+  if (p.scores != nullptr) {
+    const float M = s_stat[0], inv_l = s_stat[1];
+    const float* lg = p.logits + (size_t)bh * p.S;
+    float* sc = p.scores + (size_t)bh * p.S;
+    const int end = min(len, (int)(blockIdx.y + 1) * kScoreChunk);
+    for (int s = blockIdx.y * kScoreChunk + tid; s < end; s += kCombineThreads)
+      sc[s] += exp2f(lg[s] - M) * inv_l;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Host side
+
+size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
+
+int current_device() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) dev = 0;
+  return dev;
+}
+
+int sm_count(int dev) {
+  static std::atomic<int> cache[kMaxDevices];
+  int n = cache[dev].load(std::memory_order_relaxed);
+  if (n == 0) {
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0)
+      n = 1;
+    cache[dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// One kernel configuration: its shared memory, its one-time setup and its launch.
+template <typename T, int VEC, int NT, int STAGES, bool ALIGNED>
+struct SplitConfig {
+  static auto kernel() { return decode_attention_split_kernel<T, VEC, NT, STAGES, ALIGNED>; }
+  static size_t smem_bytes(int vec) {
+    return (size_t)STAGES * 2 * kTile * vec * 16 + (size_t)kTile * (vec | 1) * 4;
+  }
+  // Allow more than 48 KB of dynamic shared memory (once per device), then report how many
+  // blocks fit on one multiprocessor for this vec.
+  static cudaError_t blocks_per_sm(int dev, int vec, int* bpsm) {
+    static std::atomic<bool> prepared[kMaxDevices];
+    static std::atomic<int> cache[kMaxDevices][33];
+    if (!prepared[dev].load(std::memory_order_acquire)) {
+      const size_t max_smem = smem_bytes(VEC > 0 ? VEC : 32);
+      cudaError_t err = cudaFuncSetAttribute(kernel(), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)max_smem);
+      if (err != cudaSuccess) return err;
+      prepared[dev].store(true, std::memory_order_release);
+    }
+    int n = cache[dev][vec].load(std::memory_order_relaxed);
+    if (n == 0) {
+      cudaError_t err =
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel(), NT, smem_bytes(vec));
+      if (err != cudaSuccess) return err;
+      if (n < 1) n = 1;
+      cache[dev][vec].store(n, std::memory_order_relaxed);
+    }
+    *bpsm = n;
+    return cudaSuccess;
+  }
+  static cudaError_t launch(const Params& p, long long blocks, cudaStream_t stream) {
+    kernel()<<<(unsigned)blocks, NT, smem_bytes(p.vec), stream>>>(p);
+    return cudaGetLastError();
+  }
+};
+
+// Calls f(Config{}) with the kernel configuration for (T, D, alignment). The instantiated
+// head dims are Pythia's (64, 80, 128) and their neighbours; any other D % 8 == 0 runs the
+// runtime-VEC kernel, and so does every misaligned call.
+template <typename T, typename F>
+cudaError_t with_config(int D, bool aligned, F&& f) {
+  if (!aligned) return f(SplitConfig<T, 0, kGenericThreads, 2, false>{});
+  switch (D) {
+    case 32:  return f(SplitConfig<T, 4, 128, 4, true>{});
+    case 64:  return f(SplitConfig<T, 8, 128, 4, true>{});
+    case 80:  return f(SplitConfig<T, 10, 160, 4, true>{});
+    case 96:  return f(SplitConfig<T, 12, 192, 4, true>{});
+    case 128: return f(SplitConfig<T, 16, 256, 4, true>{});
+    case 256: return f(SplitConfig<T, 32, 256, 3, true>{});
+    default:  return f(SplitConfig<T, 0, kGenericThreads, 3, true>{});
+  }
+}
+
+// Splits of S per (b, h): enough blocks to fill every multiprocessor once, no more (blocks
+// all carry the same work, so a second partial wave would only add a tail). Depends only on
+// (B, H, S, D) and the device, so the workspace size and the launch agree.
+cudaError_t choose_splits(int B, int H, int S, int D, int* splits) {
+  const int dev = current_device();
+  int bpsm = 1;
+  cudaError_t err = with_config<__half>(D, true, [&](auto cfg) {
+    return decltype(cfg)::blocks_per_sm(dev, D / 8, &bpsm);
+  });
+  if (err != cudaSuccess) return err;
+  const long long pairs = (long long)B * H;
+  long long ns = (long long)sm_count(dev) * bpsm / (pairs > 0 ? pairs : 1);
+  const long long cap = (S + kMinSplitTokens - 1) / kMinSplitTokens;
+  if (ns > cap) ns = cap;
+  if (ns > kMaxSplits) ns = kMaxSplits;
+  if (ns < 1) ns = 1;
+  *splits = (int)ns;
+  return cudaSuccess;
+}
+
+struct WorkspaceLayout {
+  size_t logits, part_acc, part_ml, total;
+};
+
+WorkspaceLayout workspace_layout(int B, int H, int S, int D, int splits) {
+  const size_t pairs = (size_t)B * H;
+  WorkspaceLayout w;
+  w.logits = 0;
+  w.part_acc = align_up(pairs * S * sizeof(float));
+  const size_t acc_bytes = splits > 1 ? align_up(pairs * splits * D * sizeof(float)) : 0;
+  w.part_ml = w.part_acc + acc_bytes;
+  w.total = w.part_ml + (splits > 1 ? align_up(pairs * splits * 2 * sizeof(float)) : 0);
+  return w;
+}
+
+template <typename T>
+cudaError_t launch_typed(Params p, int B, int H, bool aligned, cudaStream_t stream) {
+  const long long pairs = (long long)B * H;
+  cudaError_t err = with_config<T>(p.D, aligned, [&](auto cfg) {
+    int bpsm = 0;  // runs the one-time shared-memory setup of this kernel
+    cudaError_t e = decltype(cfg)::blocks_per_sm(current_device(), p.vec, &bpsm);
+    if (e != cudaSuccess) return e;
+    return decltype(cfg)::launch(p, pairs * p.splits, stream);
+  });
+  if (err != cudaSuccess || p.splits == 1) return err;
+  const unsigned ny = p.scores != nullptr ? (unsigned)((p.S + kScoreChunk - 1) / kScoreChunk) : 1u;
+  decode_attention_combine_kernel<T><<<dim3((unsigned)pairs, ny), kCombineThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+// Bytes of device workspace the launch needs (0 allowed).
+size_t w8a16_decode_attention_workspace_bytes(int B, int H, int S, int D) {
+  if (B <= 0 || H <= 0 || S <= 0 || D <= 0 || D % 8 != 0 || D > 256) return 0;
+  int splits = 1;
+  if (choose_splits(B, H, S, D, &splits) != cudaSuccess) splits = 1;
+  return workspace_layout(B, H, S, D, splits).total;
+}
+
+// q: [B,H,D]; k,v: [B,H,S,D]; length: [B] int32 (device); scores: [B,H,S] fp32 or nullptr; out: [B,H,D].
+// dtype_code: 0 = float16, 1 = bfloat16. Returns cudaSuccess or the launch error.
+cudaError_t w8a16_decode_attention(const void* q, const void* k, const void* v, const int* length,
+                                   float* scores, void* out, void* workspace,
+                                   int B, int H, int S, int D, float scale, int dtype_code,
+                                   cudaStream_t stream) {
+  if (B < 0 || H < 0 || S < 0 || D <= 0 || D % 8 != 0 || D > 256) return cudaErrorInvalidValue;
+  if (dtype_code != 0 && dtype_code != 1) return cudaErrorInvalidValue;
+  if (B == 0 || H == 0) return cudaSuccess;
+  if (S == 0) scores = nullptr;  // nothing to attend to: out = 0 (length is clamped to S)
+  int splits = 1;
+  if (S > 0) {
+    cudaError_t err = choose_splits(B, H, S, D, &splits);
+    if (err != cudaSuccess) return err;
+  }
+  const WorkspaceLayout ws = workspace_layout(B, H, S, D, splits);
+  if ((scores != nullptr || splits > 1) && workspace == nullptr) return cudaErrorInvalidValue;
+
+  const auto addr = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); };
+  const bool aligned = ((addr(q) | addr(k) | addr(v) | addr(out)) & 15u) == 0;
+  unsigned char* w = static_cast<unsigned char*>(workspace);
+  Params p;
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.length = length;
+  p.scores = scores;
+  p.out = out;
+  p.logits = w != nullptr ? reinterpret_cast<float*>(w + ws.logits) : nullptr;
+  p.part_acc = w != nullptr ? reinterpret_cast<float*>(w + ws.part_acc) : nullptr;
+  p.part_ml = w != nullptr ? reinterpret_cast<float*>(w + ws.part_ml) : nullptr;
+  p.H = H;
+  p.S = S;
+  p.D = D;
+  p.vec = D / 8;
+  p.splits = splits;
+  p.qscale = scale * kLog2e;
+  if (dtype_code == 0) return launch_typed<__half>(p, B, H, aligned, stream);
+  return launch_typed<__nv_bfloat16>(p, B, H, aligned, stream);
+}
