@@ -6,7 +6,7 @@
 // file compiles in seconds; csrc/ops.cpp does the checks and the dispatch.
 //
 // Two kernels:
-//  * gemv (M <= 32, decoding): "swap AB". The weight tile is the mma A operand
+//  * gemv (M <= 32, decoding): "swap AB", split-K over blocks. The weight tile is the mma A operand
 //    (16 output channels x 16 k), the activations are B (16 k x 8 tokens). Each
 //    thread loads 16 contiguous weight bytes of one row straight from global
 //    memory. A dot product does not depend on the order of k, so we *define* the
@@ -115,19 +115,32 @@ __device__ __forceinline__ uint4 ldg(const void* p) {
 }
 
 // ---------------------------------------------------------------------------------
-// gemv: M <= 8 * NT. One block = 16 output channels x all of K; WARPS warps split K
-// in chunks of 128. Lane (g, t) = (lane / 4, lane % 4) loads, per chunk and half h,
-// w[row g and g + 8][kb + 64h + 16t : +16] and x[token 8j + g][same k range].
-// For k16 step s of that half, its fragment's logical columns {2t, 2t+1, 2t+8, 2t+9}
-// are the actual k = base + 4s + {0, 1, 2, 3} in both operands.
-template <typename T, int NT, int WARPS, bool GELU>
-__global__ void __launch_bounds__(WARPS * 32)
+// gemv: M <= 8 * NT. A block has 4 warps; warp w owns 16 output channels
+// (n0 = 64 * blockIdx.x + 16 * w) and the block's range of K chunks (128 wide),
+// so the 4 warps read the same x and share it through L1. Lane (g, t) =
+// (lane / 4, lane % 4) loads, per chunk and half h, w[row g and g + 8][kb + 64h +
+// 16t : +16] and x[token 8j + g][same k range]. For k16 step s of that half, its
+// fragment's logical columns {2t, 2t+1, 2t+8, 2t+9} are the actual k = base + 4s +
+// {0, 1, 2, 3} in both operands.
+// Split-K: a row block is cut into gridDim.y ranges of K so that every launch has
+// about 8 blocks per SM (160 row blocks on 132 SMs would leave some SMs with
+// twice the bytes of others). Each block stores its fp32 partial tile; the last
+// block of a row block to finish (an atomic counter) adds the partials in split
+// order -- deterministic -- runs the epilogue and resets the counter to zero.
+constexpr int GEMV_WARPS = 4;
+constexpr int GEMV_ROWS = 16 * GEMV_WARPS;
+
+template <typename T, int NT, int UNROLL, bool GELU>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ scales,
-                const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K) {
-  constexpr int UNROLL = 2;  // chunks whose loads are in flight together
+                const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K, int chunks_per_block,
+                float* __restrict__ partials, int* __restrict__ counters) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * 16;
+  const int n0 = blockIdx.x * GEMV_ROWS + warp * 16;
+  const int nchunks = (K + 127) >> 7;
+  const int c_begin = blockIdx.y * chunks_per_block;
+  const int c_end = min(nchunks, c_begin + chunks_per_block);
   const bool v0 = n0 + g < N, v1 = n0 + g + 8 < N;
   const int8_t* w0 = w + (size_t)(v0 ? n0 + g : 0) * K;
   const int8_t* w1 = w + (size_t)(v1 ? n0 + g + 8 : 0) * K;
@@ -145,18 +158,17 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
 
-  const int nchunks = (K + 127) >> 7;
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int c0 = warp; c0 < nchunks; c0 += WARPS * UNROLL) {
+  for (int c0 = c_begin; c0 < c_end; c0 += UNROLL) {
     uint4 wa[UNROLL][2][2];      // [chunk][row g / g+8][half]
     uint4 xa[UNROLL][NT][2][2];  // [chunk][token tile][half][16 B piece]
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      const int c = c0 + u * WARPS;
+      const int c = c0 + u;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int off = (c << 7) + 64 * h + 16 * t;
-        const bool ok = c < nchunks && off < K;  // K % 16 == 0: a piece is all in or all out
+        const bool ok = c < c_end && off < K;  // K % 16 == 0: a piece is all in or all out
         wa[u][0][h] = (ok && v0) ? ldg_stream(w0 + off) : zero;
         wa[u][1][h] = (ok && v1) ? ldg_stream(w1 + off) : zero;
 #pragma unroll
@@ -189,27 +201,67 @@ __global__ void __launch_bounds__(WARPS * 32)
     }
   }
 
-  // Reduce the WARPS partial sums. C fragment: c0 (row g, col 2t), c1 (g, 2t+1),
-  // c2 (g+8, 2t), c3 (g+8, 2t+1); rows are channels, columns tokens.
-  __shared__ float red[WARPS][NT * 4][32];
+  if (gridDim.y > 1) {
+    constexpr int TILE = NT * 4 * 32;  // floats per warp tile, stored [j*4+i][lane]: coalesced
+    float* mine = partials + ((size_t)(blockIdx.y * gridDim.x + blockIdx.x) * GEMV_WARPS + warp) * TILE;
 #pragma unroll
-  for (int j = 0; j < NT; ++j)
+    for (int j = 0; j < NT; ++j)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) red[warp][j * 4 + i][lane] = acc[j][i];
-  __syncthreads();
-  for (int e = threadIdx.x; e < NT * 4 * 32; e += WARPS * 32) {
-    const int ji = e >> 5, l = e & 31;
-    float s = 0.f;
+      for (int i = 0; i < 4; ++i) mine[(j * 4 + i) * 32 + lane] = acc[j][i];
+    __threadfence();
+    __syncthreads();
+    __shared__ int is_last;
+    if (threadIdx.x == 0) is_last = atomicAdd(&counters[blockIdx.x], 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
 #pragma unroll
-    for (int wi = 0; wi < WARPS; ++wi) s += red[wi][ji][l];
-    const int j = ji >> 2, i = ji & 3;
-    const int n = n0 + (l >> 2) + ((i & 2) ? 8 : 0);
-    const int m = 8 * j + 2 * (l & 3) + (i & 1);
-    if (n < N && m < M) {
-      const float b = bias ? to_float<T>(bias[n]) : 0.f;
-      y[(size_t)m * N + n] = from_float<T>(epilogue<GELU>(s, scales[n], b));
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+    for (int sp = 0; sp < (int)gridDim.y; ++sp) {
+      const float* p = partials + ((size_t)(sp * gridDim.x + blockIdx.x) * GEMV_WARPS + warp) * TILE;
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[j][i] += __ldcg(p + (j * 4 + i) * 32 + lane);
+    }
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
+  }
+
+  // Epilogue. C fragment: c0 (row g, col 2t), c1 (g, 2t+1), c2 (g+8, 2t),
+  // c3 (g+8, 2t+1); rows are channels, columns tokens.
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int n = n0 + g + ((i & 2) ? 8 : 0);
+    if (n >= N) continue;
+    const float sc = scales[n];
+    const float b = bias ? to_float<T>(bias[n]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int m = 8 * j + 2 * t + (i & 1);
+      if (m < M) y[(size_t)m * N + n] = from_float<T>(epilogue<GELU>(acc[j][i], sc, b));
     }
   }
+}
+
+struct GemvPlan {
+  int row_blocks, splits, chunks_per_block, nt;
+  size_t partial_floats;
+};
+
+GemvPlan plan_gemv(int M, int N, int K, int num_sms) {
+  GemvPlan p;
+  p.nt = M <= 8 ? 1 : (M <= 16 ? 2 : 4);
+  p.row_blocks = (N + GEMV_ROWS - 1) / GEMV_ROWS;
+  const int nchunks = (K + 127) / 128;
+  const int target = 8 * num_sms;  // blocks per launch: keeps the per-SM byte count even
+  int splits = (target + p.row_blocks - 1) / p.row_blocks;
+  splits = splits < 1 ? 1 : (splits > nchunks ? nchunks : splits);
+  p.chunks_per_block = (nchunks + splits - 1) / splits;
+  p.splits = (nchunks + p.chunks_per_block - 1) / p.chunks_per_block;
+  p.partial_floats = p.splits > 1 ? (size_t)p.splits * p.row_blocks * GEMV_WARPS * p.nt * 128 : 0;
+  return p;
 }
 
 // ---------------------------------------------------------------------------------
@@ -365,29 +417,27 @@ __global__ void __launch_bounds__(GEMM_THREADS, 2)
 }
 
 template <typename T, bool GELU>
-cudaError_t launch(const void* x, const int8_t* w, const float* scales, const void* bias, void* y, int M,
-                   int N, int K, cudaStream_t stream) {
+cudaError_t launch(const void* x, const int8_t* w, const float* scales, const void* bias, void* y, int M, int N,
+                   int K, float* partials, int* counters, int num_sms, cudaStream_t stream) {
   const T* xp = static_cast<const T*>(x);
   const T* bp = static_cast<const T*>(bias);
   T* yp = static_cast<T*>(y);
   if (M <= 32) {
-    constexpr int WARPS = 8;
-    const dim3 grid((N + 15) / 16), block(WARPS * 32);
-    if (M <= 8)
-      gemv_kernel<T, 1, WARPS, GELU><<<grid, block, 0, stream>>>(xp, w, scales, bp, yp, M, N, K);
-    else if (M <= 16)
-      gemv_kernel<T, 2, WARPS, GELU><<<grid, block, 0, stream>>>(xp, w, scales, bp, yp, M, N, K);
+    const GemvPlan p = plan_gemv(M, N, K, num_sms);
+    const dim3 grid(p.row_blocks, p.splits), block(GEMV_WARPS * 32);
+    const int cpb = p.chunks_per_block;
+    if (p.nt == 1)
+      gemv_kernel<T, 1, 2, GELU><<<grid, block, 0, stream>>>(xp, w, scales, bp, yp, M, N, K, cpb, partials, counters);
+    else if (p.nt == 2)
+      gemv_kernel<T, 2, 2, GELU><<<grid, block, 0, stream>>>(xp, w, scales, bp, yp, M, N, K, cpb, partials, counters);
     else
-      gemv_kernel<T, 4, WARPS, GELU><<<grid, block, 0, stream>>>(xp, w, scales, bp, yp, M, N, K);
+      gemv_kernel<T, 4, 1, GELU><<<grid, block, 0, stream>>>(xp, w, scales, bp, yp, M, N, K, cpb, partials, counters);
     return cudaGetLastError();
   }
-  static bool attr_set = false;  // per template instance
-  if (!attr_set) {
-    cudaError_t e = cudaFuncSetAttribute(gemm_kernel<T, GELU>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         GEMM_SMEM);
-    if (e != cudaSuccess) return e;
-    attr_set = true;
-  }
+  // The attribute is per device; setting it is cheap and allowed during capture.
+  cudaError_t e =
+      cudaFuncSetAttribute(gemm_kernel<T, GELU>, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM);
+  if (e != cudaSuccess) return e;
   const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM);
   gemm_kernel<T, GELU><<<grid, GEMM_THREADS, GEMM_SMEM, stream>>>(xp, w, scales, bp, yp, M, N, K);
   return cudaGetLastError();
@@ -397,12 +447,20 @@ cudaError_t launch(const void* x, const int8_t* w, const float* scales, const vo
 
 // dtype_code: 0 = float16, 1 = bfloat16. bias may be null. Shapes: x [M, K], w [N, K],
 // scales [N], bias [N], y [M, N], all contiguous; K % 16 == 0.
+// partials: fp32 workspace, counters: int32 buffer of at least ceil(N / 64) zeros that
+// the kernel leaves zeroed. Call first with partial_floats != nullptr to get the
+// workspace size (in floats; 0 means none is needed) without launching anything.
 cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, const void* bias, void* y,
-                         int M, int N, int K, int dtype_code, bool gelu, cudaStream_t stream) {
+                         int M, int N, int K, int dtype_code, bool gelu, float* partials, int* counters,
+                         int num_sms, size_t* partial_floats, cudaStream_t stream) {
+  if (partial_floats) {
+    *partial_floats = (M <= 32 && M > 0 && N > 0 && K > 0) ? plan_gemv(M, N, K, num_sms).partial_floats : 0;
+    return cudaSuccess;
+  }
   if (M == 0 || N == 0) return cudaSuccess;
   if (dtype_code == 0)
-    return gelu ? launch<__half, true>(x, w, scales, bias, y, M, N, K, stream)
-                : launch<__half, false>(x, w, scales, bias, y, M, N, K, stream);
-  return gelu ? launch<__nv_bfloat16, true>(x, w, scales, bias, y, M, N, K, stream)
-              : launch<__nv_bfloat16, false>(x, w, scales, bias, y, M, N, K, stream);
+    return gelu ? launch<__half, true>(x, w, scales, bias, y, M, N, K, partials, counters, num_sms, stream)
+                : launch<__half, false>(x, w, scales, bias, y, M, N, K, partials, counters, num_sms, stream);
+  return gelu ? launch<__nv_bfloat16, true>(x, w, scales, bias, y, M, N, K, partials, counters, num_sms, stream)
+              : launch<__nv_bfloat16, false>(x, w, scales, bias, y, M, N, K, partials, counters, num_sms, stream);
 }

@@ -1,14 +1,17 @@
 """Schemas, CPU implementations and fake kernels of the ``w8a16`` ops.
 
 The schemas are defined here, in Python, so that the ops exist on every machine.
-The CUDA implementations are registered by the compiled extension
-(csrc/ops.cpp, ``TORCH_LIBRARY_IMPL(w8a16, CUDA, m)``) when it is loaded.
+Every implementation -- CPU, CUDA and fake -- validates its arguments with the same
+functions (``_checks.py``), so a bad call fails with the same message in eager mode
+and under torch.compile. The CUDA implementations then call the internal kernels
+registered by the compiled extension (csrc/ops.cpp) as ``torch.ops.w8a16_cuda.*``.
 """
 from __future__ import annotations
 
 import torch
 
 from . import reference
+from ._build import load_extension
 from ._checks import check_decode_attention, check_linear
 
 _lib = torch.library.Library("w8a16", "DEF")  # noqa: TOR901 - kept alive for the process
@@ -34,9 +37,24 @@ def _linear_fake(op: str):
     return fake
 
 
+def _require_kernels(op: str) -> None:
+    if not load_extension():
+        raise RuntimeError(f"{op}: the CUDA kernels are not available (W8A16_NO_BUILD=1, or the build "
+                           "failed; run `python -m w8a16_ops.build -v` to see why)")
+
+
+def _linear_cuda(op: str, gelu: bool):
+    def impl(x, weight, scales, bias=None):
+        check_linear(op, x, weight, scales, bias)
+        _require_kernels(op)
+        return torch.ops.w8a16_cuda.linear(x, weight, scales, bias, gelu)
+    return impl
+
+
 for _name, _gelu in (("linear", False), ("linear_gelu", True)):
     _op = f"w8a16.{_name}"
     torch.library.impl(f"w8a16::{_name}", "CPU", lib=_lib)(_linear_cpu(_op, _gelu))
+    torch.library.impl(f"w8a16::{_name}", "CUDA", lib=_lib)(_linear_cuda(_op, _gelu))
     torch.library.register_fake(f"w8a16::{_name}", lib=_lib)(_linear_fake(_op))
 
 
@@ -44,6 +62,14 @@ for _name, _gelu in (("linear", False), ("linear_gelu", True)):
 def _decode_attention_cpu(q, k_cache, v_cache, length, scale, scores=None):
     check_decode_attention("w8a16.decode_attention", q, k_cache, v_cache, length, scores)
     return reference.decode_attention(q, k_cache, v_cache, length, scale, scores)
+
+
+@torch.library.impl("w8a16::decode_attention", "CUDA", lib=_lib)
+def _decode_attention_cuda(q, k_cache, v_cache, length, scale, scores=None):
+    op = "w8a16.decode_attention"
+    check_decode_attention(op, q, k_cache, v_cache, length, scores)
+    _require_kernels(op)
+    return torch.ops.w8a16_cuda.decode_attention(q, k_cache, v_cache, length, scale, scores)
 
 
 @torch.library.register_fake("w8a16::decode_attention", lib=_lib)

@@ -323,13 +323,43 @@ def test_k_multiple_of_16_error(name):
 
 
 @cuda
-def test_old_gpu_gate_in_fake(monkeypatch):
-    # The kernel side reads the real device; the trace-time check is exercised by
-    # pretending the GPU is a Turing (sm_75) card.
+def test_old_gpu_gate(monkeypatch):
+    # Pretend the GPU is a Turing (sm_75) card: eager and compiled calls both refuse it.
     import w8a16_ops._checks as checks
 
     monkeypatch.setattr(checks.torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
     x, w, s, b = make_inputs(4, 32, 64, torch.float16, "cuda")
+    msg = "w8a16.linear: requires compute capability >= 8.0, found 7.5"
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.w8a16.linear(x, w, s, b)
     torch._dynamo.reset()
-    with pytest.raises(RuntimeError, match="w8a16.linear: requires compute capability >= 8.0, found 7.5"):
+    with pytest.raises(RuntimeError, match=msg):
         torch.compile(lambda *a: torch.ops.w8a16.linear(*a), fullgraph=True)(x, w, s, b)
+
+
+@cuda
+@pytest.mark.parametrize("M", [1, 12, 30])
+def test_split_k_is_deterministic_and_resets(M):
+    # Shapes whose launch is split over K (the last block reduces the partials):
+    # repeated and interleaved calls must give bit-identical results.
+    a = make_inputs(M, 2560, 10240, torch.float16, "cuda")
+    b = make_inputs(M, 2568, 2560, torch.bfloat16, "cuda")
+    ya = torch.ops.w8a16.linear(*a)
+    yb = torch.ops.w8a16.linear_gelu(*b)
+    for _ in range(3):
+        assert torch.equal(torch.ops.w8a16.linear(*a), ya)
+        assert torch.equal(torch.ops.w8a16.linear_gelu(*b), yb)
+    assert rel_err(ya, oracle(*a, False)) <= 2 * rel_err(torch_same_precision(*a, False), oracle(*a, False)) + 1e-6
+
+
+@cuda
+def test_raw_cuda_graph_replay():
+    x, w, s, b = make_inputs(4, 2560, 2560, torch.float16, "cuda")
+    torch.ops.w8a16.linear(x, w, s, b)  # warm-up outside capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = torch.ops.w8a16.linear(x, w, s, b)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.testing.assert_close(y, torch.ops.w8a16.linear(x, w, s, b), rtol=0, atol=0)
