@@ -171,7 +171,7 @@ def run_attention_bench(cases: list[dict] | None = None, iters: int = 100,
               f"{r['GBps']:.0f}", f"{r['kv_GBps']:.0f}", f"{r['pct_copy']:.0f}%",
               r["peer"], f"{r['peer_us']:.1f}", f"{r['speedup']:.2f}x"] for r in rows]
     print(tabulate(table, headers=["B", "H", "D", "S", "scores", "µs", "GB/s", "K+V GB/s", "% copy",
-                                   "peer", "peer µs", "vs peer"], disablenumparse=True))
+                                   "peer", "peer µs", "vs peer"], disable_numparse=True))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(dict(env=info, copy_GBps=copy_bw / 1e9, rows=rows), f, indent=2)

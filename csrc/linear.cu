@@ -6,7 +6,7 @@
 // file compiles in seconds; csrc/ops.cpp does the checks and the dispatch.
 //
 // Two kernels:
-//  * gemv (M <= 32, decoding): "swap AB", split-K over blocks. The weight tile is the mma A operand
+//  * gemv (M <= 32, decoding): "swap AB". The weight tile is the mma A operand
 //    (16 output channels x 16 k), the activations are B (16 k x 8 tokens). Each
 //    thread loads 16 contiguous weight bytes of one row straight from global
 //    memory. A dot product does not depend on the order of k, so we *define* the
@@ -115,32 +115,72 @@ __device__ __forceinline__ uint4 ldg(const void* p) {
 }
 
 // ---------------------------------------------------------------------------------
-// gemv: M <= 8 * NT. A block has 4 warps; warp w owns 16 output channels
-// (n0 = 64 * blockIdx.x + 16 * w) and the block's range of K chunks (128 wide),
-// so the 4 warps read the same x and share it through L1. Lane (g, t) =
-// (lane / 4, lane % 4) loads, per chunk and half h, w[row g and g + 8][kb + 64h +
-// 16t : +16] and x[token 8j + g][same k range]. For k16 step s of that half, its
-// fragment's logical columns {2t, 2t+1, 2t+8, 2t+9} are the actual k = base + 4s +
-// {0, 1, 2, 3} in both operands.
-// Split-K: a row block is cut into gridDim.y ranges of K so that every launch has
-// about 8 blocks per SM (160 row blocks on 132 SMs would leave some SMs with
-// twice the bytes of others). Each block stores its fp32 partial tile; the last
-// block of a row block to finish (an atomic counter) adds the partials in split
-// order -- deterministic -- runs the epilogue and resets the counter to zero.
-constexpr int GEMV_WARPS = 4;
-constexpr int GEMV_ROWS = 16 * GEMV_WARPS;
+// gemv: M <= 8 * NT. One block = 16 output channels x all of K; WARPS warps split K
+// in chunks of 128 (interleaved). Lane (g, t) = (lane / 4, lane % 4) loads, per chunk
+// and half h, w[row g and g + 8][kb + 64h + 16t : +16] and x[token 8j + g][same k].
+// For k16 step s of that half, its fragment's logical columns {2t, 2t+1, 2t+8, 2t+9}
+// are the actual k = base + 4s + {0, 1, 2, 3} in both operands.
+template <typename T, int NT, int UNROLL>
+struct GemvRegs {
+  uint4 w[UNROLL][2][2];      // [chunk][row g / g+8][half]
+  uint4 x[UNROLL][NT][2][2];  // [chunk][token tile][half][16 B piece]
+};
 
-template <typename T, int NT, int UNROLL, bool GELU>
-__global__ void __launch_bounds__(GEMV_WARPS * 32)
+template <typename T, int NT, int UNROLL>
+__device__ __forceinline__ void gemv_load(GemvRegs<T, NT, UNROLL>& r, int c0, int stride, int nchunks, int K, int t,
+                                          const int8_t* w0, const int8_t* w1, bool v0, bool v1,
+                                          const T* const* xrow, const bool* xv) {
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int c = c0 + u * stride;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int off = (c << 7) + 64 * h + 16 * t;
+      const bool ok = c < nchunks && off < K;  // K % 16 == 0: a piece is all in or all out
+      r.w[u][0][h] = (ok && v0) ? ldg_stream(w0 + off) : zero;
+      r.w[u][1][h] = (ok && v1) ? ldg_stream(w1 + off) : zero;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const bool okx = ok && xv[j];
+        r.x[u][j][h][0] = okx ? ldg(xrow[j] + off) : zero;
+        r.x[u][j][h][1] = okx ? ldg(xrow[j] + off + 8) : zero;
+      }
+    }
+  }
+}
+
+template <typename T, int NT, int UNROLL>
+__device__ __forceinline__ void gemv_math(const GemvRegs<T, NT, UNROLL>& r, float (&acc)[NT][4]) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t* r0 = reinterpret_cast<const uint32_t*>(&r.w[u][0][h]);
+      const uint32_t* r1 = reinterpret_cast<const uint32_t*>(&r.w[u][1][h]);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        uint32_t a[4];
+        Dequant<T>::run(r0[s], a[0], a[2]);
+        Dequant<T>::run(r1[s], a[1], a[3]);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint32_t* xw = reinterpret_cast<const uint32_t*>(&r.x[u][j][h][0]);  // 8 words
+          const uint32_t b[2] = {xw[2 * s], xw[2 * s + 1]};
+          mma16816<T>(acc[j], a, b);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int NT, int WARPS, int UNROLL, bool GELU>
+__global__ void __launch_bounds__(WARPS * 32)
     gemv_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ scales,
-                const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K, int chunks_per_block,
-                float* __restrict__ partials, int* __restrict__ counters) {
+                const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * GEMV_ROWS + warp * 16;
-  const int nchunks = (K + 127) >> 7;
-  const int c_begin = blockIdx.y * chunks_per_block;
-  const int c_end = min(nchunks, c_begin + chunks_per_block);
+  const int n0 = blockIdx.x * 16;
   const bool v0 = n0 + g < N, v1 = n0 + g + 8 < N;
   const int8_t* w0 = w + (size_t)(v0 ? n0 + g : 0) * K;
   const int8_t* w1 = w + (size_t)(v1 ? n0 + g + 8 : 0) * K;
@@ -151,117 +191,43 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
     xv[j] = 8 * j + g < M;
     xrow[j] = x + (size_t)(xv[j] ? 8 * j + g : 0) * K;
   }
-
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
 
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int c0 = c_begin; c0 < c_end; c0 += UNROLL) {
-    uint4 wa[UNROLL][2][2];      // [chunk][row g / g+8][half]
-    uint4 xa[UNROLL][NT][2][2];  // [chunk][token tile][half][16 B piece]
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int c = c0 + u;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int off = (c << 7) + 64 * h + 16 * t;
-        const bool ok = c < c_end && off < K;  // K % 16 == 0: a piece is all in or all out
-        wa[u][0][h] = (ok && v0) ? ldg_stream(w0 + off) : zero;
-        wa[u][1][h] = (ok && v1) ? ldg_stream(w1 + off) : zero;
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const bool okx = ok && xv[j];
-          xa[u][j][h][0] = okx ? ldg(xrow[j] + off) : zero;
-          xa[u][j][h][1] = okx ? ldg(xrow[j] + off + 8) : zero;
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t* r0 = reinterpret_cast<const uint32_t*>(&wa[u][0][h]);
-        const uint32_t* r1 = reinterpret_cast<const uint32_t*>(&wa[u][1][h]);
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-          uint32_t a[4];
-          Dequant<T>::run(r0[s], a[0], a[2]);
-          Dequant<T>::run(r1[s], a[1], a[3]);
-#pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xa[u][j][h][0]);  // 8 words
-            const uint32_t b[2] = {xw[2 * s], xw[2 * s + 1]};
-            mma16816<T>(acc[j], a, b);
-          }
-        }
-      }
-    }
+  const int nchunks = (K + 127) >> 7;
+  // All UNROLL chunks' loads are issued before their math: decoding is latency-bound
+  // as much as bandwidth-bound. (A register double-buffered variant, loading the next
+  // round during this round's math, measured slower on H100: fewer warps fit per SM.)
+  for (int c0 = warp; c0 < nchunks; c0 += WARPS * UNROLL) {
+    GemvRegs<T, NT, UNROLL> r;
+    gemv_load(r, c0, WARPS, nchunks, K, t, w0, w1, v0, v1, xrow, xv);
+    gemv_math(r, acc);
   }
 
-  if (gridDim.y > 1) {
-    constexpr int TILE = NT * 4 * 32;  // floats per warp tile, stored [j*4+i][lane]: coalesced
-    float* mine = partials + ((size_t)(blockIdx.y * gridDim.x + blockIdx.x) * GEMV_WARPS + warp) * TILE;
+  // Reduce the WARPS partial sums. C fragment: c0 (row g, col 2t), c1 (g, 2t+1),
+  // c2 (g+8, 2t), c3 (g+8, 2t+1); rows are channels, columns tokens.
+  __shared__ float red[WARPS][NT * 4][32];
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+  for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) mine[(j * 4 + i) * 32 + lane] = acc[j][i];
-    __threadfence();
-    __syncthreads();
-    __shared__ int is_last;
-    if (threadIdx.x == 0) is_last = atomicAdd(&counters[blockIdx.x], 1) == (int)gridDim.y - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
+    for (int i = 0; i < 4; ++i) red[warp][j * 4 + i][lane] = acc[j][i];
+  __syncthreads();
+  for (int e = threadIdx.x; e < NT * 4 * 32; e += WARPS * 32) {
+    const int ji = e >> 5, l = e & 31;
+    float sum = 0.f;
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
-    for (int sp = 0; sp < (int)gridDim.y; ++sp) {
-      const float* p = partials + ((size_t)(sp * gridDim.x + blockIdx.x) * GEMV_WARPS + warp) * TILE;
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[j][i] += __ldcg(p + (j * 4 + i) * 32 + lane);
-    }
-    if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
-  }
-
-  // Epilogue. C fragment: c0 (row g, col 2t), c1 (g, 2t+1), c2 (g+8, 2t),
-  // c3 (g+8, 2t+1); rows are channels, columns tokens.
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int n = n0 + g + ((i & 2) ? 8 : 0);
-    if (n >= N) continue;
-    const float sc = scales[n];
-    const float b = bias ? to_float<T>(bias[n]) : 0.f;
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const int m = 8 * j + 2 * t + (i & 1);
-      if (m < M) y[(size_t)m * N + n] = from_float<T>(epilogue<GELU>(acc[j][i], sc, b));
+    for (int wi = 0; wi < WARPS; ++wi) sum += red[wi][ji][l];
+    const int j = ji >> 2, i = ji & 3;
+    const int n = n0 + (l >> 2) + ((i & 2) ? 8 : 0);
+    const int m = 8 * j + 2 * (l & 3) + (i & 1);
+    if (n < N && m < M) {
+      const float b = bias ? to_float<T>(bias[n]) : 0.f;
+      y[(size_t)m * N + n] = from_float<T>(epilogue<GELU>(sum, scales[n], b));
     }
   }
-}
-
-struct GemvPlan {
-  int row_blocks, splits, chunks_per_block, nt;
-  size_t partial_floats;
-};
-
-GemvPlan plan_gemv(int M, int N, int K, int num_sms) {
-  GemvPlan p;
-  p.nt = M <= 8 ? 1 : (M <= 16 ? 2 : 4);
-  p.row_blocks = (N + GEMV_ROWS - 1) / GEMV_ROWS;
-  const int nchunks = (K + 127) / 128;
-  const int target = 8 * num_sms;  // blocks per launch: keeps the per-SM byte count even
-  int splits = (target + p.row_blocks - 1) / p.row_blocks;
-  splits = splits < 1 ? 1 : (splits > nchunks ? nchunks : splits);
-  p.chunks_per_block = (nchunks + splits - 1) / splits;
-  p.splits = (nchunks + p.chunks_per_block - 1) / p.chunks_per_block;
-  p.partial_floats = p.splits > 1 ? (size_t)p.splits * p.row_blocks * GEMV_WARPS * p.nt * 128 : 0;
-  return p;
 }
 
 // ---------------------------------------------------------------------------------
@@ -416,22 +382,27 @@ __global__ void __launch_bounds__(GEMM_THREADS, 2)
   }
 }
 
+template <typename T, int NT, int UNROLL, bool GELU>
+void launch_gemv(const T* x, const int8_t* w, const float* scales, const T* bias, T* y, int M, int N, int K,
+                 cudaStream_t stream) {
+  constexpr int WARPS = 8;
+  const dim3 grid((N + 15) / 16), block(WARPS * 32);
+  gemv_kernel<T, NT, WARPS, UNROLL, GELU><<<grid, block, 0, stream>>>(x, w, scales, bias, y, M, N, K);
+}
+
 template <typename T, bool GELU>
 cudaError_t launch(const void* x, const int8_t* w, const float* scales, const void* bias, void* y, int M, int N,
-                   int K, float* partials, int* counters, int num_sms, cudaStream_t stream) {
+                   int K, cudaStream_t stream) {
   const T* xp = static_cast<const T*>(x);
   const T* bp = static_cast<const T*>(bias);
   T* yp = static_cast<T*>(y);
   if (M <= 32) {
-    const GemvPlan p = plan_gemv(M, N, K, num_sms);
-    const dim3 grid(p.row_blocks, p.splits), block(GEMV_WARPS * 32);
-    const int cpb = p.chunks_per_block;
-    if (p.nt == 1)
-      gemv_kernel<T, 1, 2, GELU><<<grid, block, 0, stream>>>(xp, w, scales, bp, yp, M, N, K, cpb, partials, counters);
-    else if (p.nt == 2)
-      gemv_kernel<T, 2, 2, GELU><<<grid, block, 0, stream>>>(xp, w, scales, bp, yp, M, N, K, cpb, partials, counters);
+    if (M <= 8)
+      launch_gemv<T, 1, 2, GELU>(xp, w, scales, bp, yp, M, N, K, stream);
+    else if (M <= 16)
+      launch_gemv<T, 2, 2, GELU>(xp, w, scales, bp, yp, M, N, K, stream);
     else
-      gemv_kernel<T, 4, 1, GELU><<<grid, block, 0, stream>>>(xp, w, scales, bp, yp, M, N, K, cpb, partials, counters);
+      launch_gemv<T, 4, 1, GELU>(xp, w, scales, bp, yp, M, N, K, stream);
     return cudaGetLastError();
   }
   // The attribute is per device; setting it is cheap and allowed during capture.
@@ -447,20 +418,12 @@ cudaError_t launch(const void* x, const int8_t* w, const float* scales, const vo
 
 // dtype_code: 0 = float16, 1 = bfloat16. bias may be null. Shapes: x [M, K], w [N, K],
 // scales [N], bias [N], y [M, N], all contiguous; K % 16 == 0.
-// partials: fp32 workspace, counters: int32 buffer of at least ceil(N / 64) zeros that
-// the kernel leaves zeroed. Call first with partial_floats != nullptr to get the
-// workspace size (in floats; 0 means none is needed) without launching anything.
 cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, const void* bias, void* y,
-                         int M, int N, int K, int dtype_code, bool gelu, float* partials, int* counters,
-                         int num_sms, size_t* partial_floats, cudaStream_t stream) {
-  if (partial_floats) {
-    *partial_floats = (M <= 32 && M > 0 && N > 0 && K > 0) ? plan_gemv(M, N, K, num_sms).partial_floats : 0;
-    return cudaSuccess;
-  }
+                         int M, int N, int K, int dtype_code, bool gelu, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   if (dtype_code == 0)
-    return gelu ? launch<__half, true>(x, w, scales, bias, y, M, N, K, partials, counters, num_sms, stream)
-                : launch<__half, false>(x, w, scales, bias, y, M, N, K, partials, counters, num_sms, stream);
-  return gelu ? launch<__nv_bfloat16, true>(x, w, scales, bias, y, M, N, K, partials, counters, num_sms, stream)
-              : launch<__nv_bfloat16, false>(x, w, scales, bias, y, M, N, K, partials, counters, num_sms, stream);
+    return gelu ? launch<__half, true>(x, w, scales, bias, y, M, N, K, stream)
+                : launch<__half, false>(x, w, scales, bias, y, M, N, K, stream);
+  return gelu ? launch<__nv_bfloat16, true>(x, w, scales, bias, y, M, N, K, stream)
+              : launch<__nv_bfloat16, false>(x, w, scales, bias, y, M, N, K, stream);
 }

@@ -10,12 +10,10 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
-#include <mutex>
 #include <vector>
 
 cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, const void* bias, void* y,
-                         int M, int N, int K, int dtype_code, bool gelu, float* partials, int* counters,
-                         int num_sms, size_t* partial_floats, cudaStream_t stream);
+                         int M, int N, int K, int dtype_code, bool gelu, cudaStream_t stream);
 
 size_t w8a16_decode_attention_workspace_bytes(int B, int H, int S, int D);
 cudaError_t w8a16_decode_attention(const void* q, const void* k, const void* v, const int* length,
@@ -25,32 +23,6 @@ cudaError_t w8a16_decode_attention(const void* q, const void* k, const void* v, 
 namespace {
 
 int dtype_code(at::ScalarType t) { return t == at::kHalf ? 0 : 1; }
-
-// Split-K counters of the GEMV: one int per 64-row block, zero between launches (the
-// last block of each row block resets its counter). Allocated once per device in
-// eager mode and never freed, so CUDA graphs may bake in the address.
-constexpr int64_t kCounterSlots = 1 << 16;
-at::Tensor& counters_for(const at::Device& dev, cudaStream_t stream) {
-  static std::mutex mu;
-  static std::vector<at::Tensor> per_device(64);
-  std::lock_guard<std::mutex> lock(mu);
-  at::Tensor& c = per_device.at(dev.index());
-  if (!c.defined()) {
-    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
-    cudaStreamIsCapturing(stream, &st);
-    TORCH_CHECK(st == cudaStreamCaptureStatusNone,
-                "w8a16.linear: call the op once outside CUDA-graph capture first (warm-up) so its "
-                "split-K counters can be allocated");
-    c = at::zeros({kCounterSlots}, at::TensorOptions().device(dev).dtype(at::kInt));
-  }
-  return c;
-}
-
-int num_sms(int device) {
-  static int cache[64] = {0};
-  if (!cache[device]) cudaDeviceGetAttribute(&cache[device], cudaDevAttrMultiProcessorCount, device);
-  return cache[device];
-}
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                   const c10::optional<at::Tensor>& bias, bool gelu) {
@@ -78,25 +50,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   const int64_t M = xc.numel() / K;
   TORCH_CHECK(M <= INT32_MAX, "w8a16_cuda.linear: too many rows");
   if (M == 0 || N == 0) return y;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int sms = num_sms(x.device().index());
-  // First ask how much partial-sum workspace this launch needs, then launch.
-  size_t partial_floats = 0;
-  w8a16_linear(nullptr, nullptr, nullptr, nullptr, nullptr, (int)M, (int)N, (int)K, 0, gelu, nullptr, nullptr,
-               sms, &partial_floats, stream);
-  at::Tensor partials;
-  int* counters = nullptr;
-  if (partial_floats) {
-    partials = at::empty({(int64_t)partial_floats}, x.options().dtype(at::kFloat));
-    at::Tensor& c = counters_for(x.device(), stream);
-    TORCH_CHECK((N + 63) / 64 <= kCounterSlots, "w8a16_cuda.linear: N too large for the split-K counters");
-    counters = c.data_ptr<int>();
-  }
   const cudaError_t err = w8a16_linear(xc.data_ptr(), weight.data_ptr<int8_t>(), sc.data_ptr<float>(),
                                        bc.defined() ? bc.data_ptr() : nullptr, y.data_ptr(), (int)M, (int)N, (int)K,
-                                       dtype_code(x.scalar_type()), gelu,
-                                       partials.defined() ? partials.data_ptr<float>() : nullptr, counters, sms,
-                                       nullptr, stream);
+                                       dtype_code(x.scalar_type()), gelu, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "w8a16.linear: kernel launch failed: ", cudaGetErrorString(err));
   return y;
 }

@@ -58,21 +58,42 @@ for _name, _gelu in (("linear", False), ("linear_gelu", True)):
     torch.library.register_fake(f"w8a16::{_name}", lib=_lib)(_linear_fake(_op))
 
 
-@torch.library.impl("w8a16::decode_attention", "CPU", lib=_lib)
-def _decode_attention_cpu(q, k_cache, v_cache, length, scale, scores=None):
-    check_decode_attention("w8a16.decode_attention", q, k_cache, v_cache, length, scores)
+# decode_attention is one public op with an optional, mutated `scores`. Inductor
+# cannot functionalize an optional mutable argument that is None (torch 2.11-2.13:
+# "getitem is not an OpOverload"), so the public op is a composite that picks one
+# of two internal ops with plain schemas; each has CPU, CUDA and fake kernels.
+_lib.define("_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor length, float scale) -> Tensor")
+_lib.define(
+    "_decode_attention_scored(Tensor q, Tensor k_cache, Tensor v_cache, Tensor length, float scale, "
+    "Tensor(a!) scores) -> Tensor"
+)
+_DA = "w8a16.decode_attention"
+
+
+@torch.library.impl("w8a16::decode_attention", "CompositeImplicitAutograd", lib=_lib)
+def _decode_attention(q, k_cache, v_cache, length, scale, scores=None):
+    if scores is None:
+        return torch.ops.w8a16._decode_attention(q, k_cache, v_cache, length, scale)
+    return torch.ops.w8a16._decode_attention_scored(q, k_cache, v_cache, length, scale, scores)
+
+
+def _da_cpu(q, k_cache, v_cache, length, scale, scores=None):
+    check_decode_attention(_DA, q, k_cache, v_cache, length, scores)
     return reference.decode_attention(q, k_cache, v_cache, length, scale, scores)
 
 
-@torch.library.impl("w8a16::decode_attention", "CUDA", lib=_lib)
-def _decode_attention_cuda(q, k_cache, v_cache, length, scale, scores=None):
-    op = "w8a16.decode_attention"
-    check_decode_attention(op, q, k_cache, v_cache, length, scores)
-    _require_kernels(op)
+def _da_cuda(q, k_cache, v_cache, length, scale, scores=None):
+    check_decode_attention(_DA, q, k_cache, v_cache, length, scores)
+    _require_kernels(_DA)
     return torch.ops.w8a16_cuda.decode_attention(q, k_cache, v_cache, length, scale, scores)
 
 
-@torch.library.register_fake("w8a16::decode_attention", lib=_lib)
-def _decode_attention_fake(q, k_cache, v_cache, length, scale, scores=None):
-    check_decode_attention("w8a16.decode_attention", q, k_cache, v_cache, length, scores)
+def _da_fake(q, k_cache, v_cache, length, scale, scores=None):
+    check_decode_attention(_DA, q, k_cache, v_cache, length, scores)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+for _name in ("_decode_attention", "_decode_attention_scored"):
+    torch.library.impl(f"w8a16::{_name}", "CPU", lib=_lib)(_da_cpu)
+    torch.library.impl(f"w8a16::{_name}", "CUDA", lib=_lib)(_da_cuda)
+    torch.library.register_fake(f"w8a16::{_name}", lib=_lib)(_da_fake)
