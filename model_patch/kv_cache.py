@@ -4,7 +4,7 @@ Every policy is an ``nn.Module`` that owns the cache of *all* layers in fixed
 device buffers (so their addresses never change and CUDA graphs can replay):
 
 * ``k``, ``v``: ``[L, B, H, S, D]`` in the model dtype, ``S = capacity`` slots.
-* ``length``: ``[B]`` int32, the number of valid slots (slots ``[0, length)``).
+* ``length``: ``[B]`` int32, the number of tokens held (valid slots).
 * ``seen``: ``[1]`` int64, the number of tokens consumed so far, which is also
   the rotary position of the next token.
 
@@ -13,6 +13,52 @@ prompt and then ``decode(layer, q, k, v)`` once per generated token, each
 returning the attention output; after all layers it calls ``advance(n)``.
 ``q, k, v`` are ``[B, H, T, D]``, keys already rotated (rotary applied before
 caching, so positions keep their original encoding).
+
+Policies
+--------
+``FullCache`` keeps every token. ``H2OCache(heavy, recent)``, ``SinkCache(n_sink,
+window)`` and ``WindowCache(window)`` hold at most ``budget`` tokens between steps
+(``heavy + recent``, ``n_sink + window``, ``window``). They share one mechanism,
+``EvictingCache``, and differ only in their *eviction key*: the accumulated
+attention score for H2O, the position (oldest first) for sink and window, plus
+the set of tokens they protect (the ``recent`` / ``window`` newest, the first
+``n_sink``). ``model_patch.h2o_reference`` is the readable oracle they are
+tested against.
+
+Decode step of an evicting cache, per layer (all rows and heads at once)::
+
+    1. write k, v of the new token into its row's/head's free slot; pos[slot] =
+       its position, score[slot] = 0
+    2. out = w8a16.decode_attention(q, k, v, length = min(seen + 1, S), scores)
+       (adds this query's probabilities into ``scores``; H2O only)
+    3. if more than ``budget`` tokens are now held: victim = argmin of the key
+       over the evictable slots, ties to the oldest position; pos[victim] = -1
+       and the victim becomes the next free slot; otherwise the next free slot
+       is the next unused one.
+
+So the new token sees ``budget`` older tokens plus itself, and ``budget`` tokens
+remain after the step. The step has static shapes, no ``.item()`` and no host
+sync: the "is the cache full" test is a device-side ``torch.where``.
+
+Prefill runs eagerly: full causal attention over the prompt (fp32 column sums of
+the probability matrix give H2O's initial scores); if the prompt is longer than
+the budget, the same key picks the tokens to keep (the protected ones plus, for
+H2O, the top ``heavy`` by prefill score).
+
+Memory
+------
+Evicting policies allocate ``S = min(budget + 1, max_len)`` slots (one spare
+slot for the incoming token), independent of how many tokens are decoded::
+
+    bytes = B * L * 2 * S * hidden * dtype_bytes        # K and V (hidden = H * D)
+          + B * L * H * S * 4                           # pos, int32
+          + B * L * H * S * 4                           # scores, fp32 (H2O only)
+          + B * L * H * 8 + B * 4 + 8                   # free slot (int64), length, seen
+
+``FullCache`` has ``S = max_len`` and only the K/V, ``length`` and ``seen`` terms.
+Example, Pythia-2.8B (L=32, H=32, D=80) fp16, batch 16: H2O 252/252 holds
+2.65 GB of K/V + 66 MB of scores and positions; ``full`` at 2,176 tokens holds
+11.4 GB.
 """
 from __future__ import annotations
 
@@ -21,6 +67,36 @@ import torch.nn.functional as F
 from torch import nn
 
 import w8a16_ops  # noqa: F401  (registers torch.ops.w8a16)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     column_sums: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal self-attention over a prompt, optionally with H2O's prefill scores.
+
+    Args:
+        q, k, v: [B, H, T, D], one dtype.
+        scale: softmax scale.
+        column_sums: also return, per key, the fp32 sum of the probability it
+            receives from all queries (the column sums of the attention matrix).
+    Returns:
+        out [B, H, T, D] in q's dtype, and column sums [B, H, T] fp32 or None.
+    """
+    if not column_sums:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale), None
+    B, H, T, _ = q.shape
+    out = torch.empty_like(q)
+    sums = torch.zeros(B, H, T, dtype=torch.float32, device=q.device)
+    kf, vf = k.float(), v.float()
+    # Blocks of queries bound the probability matrix to ~64M fp32 values (256 MB).
+    block = max(1, (1 << 26) // (B * H * T))
+    for lo in range(0, T, block):
+        hi = min(T, lo + block)
+        logits = (q[:, :, lo:hi].float() @ kf[:, :, :hi].transpose(-1, -2)) * scale  # [B, H, hi-lo, hi]
+        future = torch.arange(lo, hi, device=q.device)[:, None] < torch.arange(hi, device=q.device)[None, :]
+        probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+        sums[:, :, :hi] += probs.sum(dim=-2)
+        out[:, :, lo:hi] = (probs @ vf[:, :, :hi]).to(q.dtype)
+    return out, sums
 
 
 class KVCache(nn.Module):
@@ -100,3 +176,174 @@ class FullCache(KVCache):
         if layer == self.n_layers - 1:
             self.length.copy_(length)
         return out.unsqueeze(2)
+
+
+class EvictingCache(KVCache):
+    """Shared mechanism of the fixed-budget policies (see the module docstring).
+
+    Subclasses define ``budget`` and ``eviction_key``; H2O also sets
+    ``uses_scores`` so that decode attention accumulates probabilities.
+
+    Extra buffers: ``pos`` ``[L, B, H, S]`` int32 (position held in each slot,
+    -1 for an empty or evicted slot), ``free`` ``[L, B, H]`` int64 (the slot the
+    next token goes to) and, for H2O, ``scores`` ``[L, B, H, S]`` fp32.
+    """
+
+    uses_scores = False
+
+    def __init__(self, n_layers, batch_size, n_heads, head_dim, max_len, dtype, device, *, budget: int):
+        if budget < 1:
+            raise ValueError(f"{type(self).__name__}: budget must be >= 1 token, got {budget}")
+        if max_len < 1:
+            raise ValueError(f"{type(self).__name__}: max_len must be >= 1, got {max_len}")
+        # One spare slot receives the incoming token before the eviction; a budget
+        # that covers the whole sequence never evicts and needs no more than max_len.
+        super().__init__(n_layers, batch_size, n_heads, head_dim, min(budget + 1, max_len), dtype, device)
+        self.budget, self.max_len = budget, max_len
+        slots = (n_layers, batch_size, n_heads, self.capacity)
+        self.register_buffer("pos", torch.full(slots, -1, dtype=torch.int32, device=device), persistent=False)
+        self.register_buffer("free", torch.zeros(slots[:3], dtype=torch.int64, device=device), persistent=False)
+        if self.uses_scores:
+            self.register_buffer("scores", torch.zeros(slots, dtype=torch.float32, device=device),
+                                 persistent=False)
+        self._mark_static()
+
+    def eviction_key(self, scores: torch.Tensor | None, pos: torch.Tensor,
+                     newest: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eviction order and the evictable set of held tokens.
+
+        Args:
+            scores: [B, H, N] fp32 accumulated scores (H2O) or None.
+            pos: [B, H, N] integer positions of the slots (-1 = empty).
+            newest: position of the newest token held (int or [1] int64 tensor).
+        Returns:
+            key [B, H, N] fp32 (the smallest evictable key goes first, ties to the
+            oldest position) and evictable [B, H, N] bool (protected tokens False).
+        """
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        super().reset()
+        self.pos.fill_(-1)
+        self.free.zero_()
+        if self.uses_scores:
+            self.scores.zero_()
+
+    def _victim(self, key: torch.Tensor, evictable: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Slot of the evictable token with the smallest key, ties to the oldest. [B, H] int64."""
+        evictable = evictable & (pos >= 0)
+        key = key.masked_fill(~evictable, float("inf"))
+        tied = evictable & (key == key.amin(dim=-1, keepdim=True))
+        return pos.masked_fill(~tied, torch.iinfo(pos.dtype).max).argmin(dim=-1)
+
+    def prefill(self, layer, q, k, v):
+        B, H, T, D = q.shape
+        if T > self.max_len:
+            raise ValueError(f"{type(self).__name__}: prompt of {T} tokens exceeds max_len={self.max_len}")
+        out, colsum = causal_attention(q, k, v, self.scale, column_sums=self.uses_scores)
+        pos = torch.arange(T, device=q.device).expand(B, H, T)  # [B, H, T]
+        n = min(T, self.budget)
+        keep = pos
+        if T > self.budget:
+            # Evicting one token at a time would not change the keys or the protected
+            # set, so the tokens to drop are the T - budget smallest keys; a stable
+            # sort of position-ordered slots sends ties to the oldest.
+            key, evictable = self.eviction_key(colsum, pos, T - 1)
+            key = key.masked_fill(~evictable, float("inf"))
+            order = torch.sort(key, dim=-1, stable=True).indices
+            keep = order[..., T - self.budget:].sort(dim=-1).values  # [B, H, budget], by position
+        self.k[layer, :, :, :n].copy_(k.gather(2, keep[..., None].expand(B, H, n, D)))
+        self.v[layer, :, :, :n].copy_(v.gather(2, keep[..., None].expand(B, H, n, D)))
+        self.pos[layer].fill_(-1)
+        self.pos[layer, :, :, :n].copy_(keep)
+        if self.uses_scores:
+            self.scores[layer].zero_()
+            self.scores[layer, :, :, :n].copy_(colsum.gather(2, keep))
+        self.free[layer].fill_(n)
+        if layer == self.n_layers - 1:
+            self.length.fill_(n)
+        return out
+
+    def decode(self, layer, q, k, v):
+        B, H, _, D = q.shape
+        newest = self.seen  # [1] int64: position of the incoming token
+        slot = self.free[layer][..., None]  # [B, H, 1]
+        self.k[layer].scatter_(2, slot[..., None].expand(B, H, 1, D), k)
+        self.v[layer].scatter_(2, slot[..., None].expand(B, H, 1, D), v)
+        pos = self.pos[layer]  # [B, H, S]
+        pos.scatter_(2, slot, newest.to(pos.dtype).expand(B, H, 1))
+        scores = None
+        if self.uses_scores:
+            scores = self.scores[layer]
+            scores.scatter_(2, slot, 0.0)
+        held = torch.clamp(newest + 1, max=self.capacity)  # [1]: tokens held incl. the new one
+        out = torch.ops.w8a16.decode_attention(q[:, :, 0], self.k[layer], self.v[layer],
+                                               held.to(torch.int32).expand(B), self.scale, scores)
+        # Evict now so that the next step finds its slot; an over-budget cache is
+        # detected on the device (newest + 1 > budget), without a host sync.
+        over = newest >= self.budget  # [1] bool
+        key, evictable = self.eviction_key(scores, pos, newest)
+        victim = self._victim(key, evictable, pos)[..., None]  # [B, H, 1]
+        pos.scatter_(2, victim, torch.where(over, -1, pos.gather(2, victim)))
+        self.free[layer].copy_(torch.where(over, victim[..., 0], held))
+        if layer == self.n_layers - 1:
+            self.length.copy_(torch.clamp(newest + 1, max=self.budget).to(torch.int32).expand(B))
+        return out.unsqueeze(2)
+
+    def held_mask(self) -> torch.Tensor:
+        """Which positions are held: bool [L, B, H, seen] (host sync; for tests and tools)."""
+        n = int(self.seen.item())
+        mask = torch.zeros(*self.pos.shape[:3], n + 1, dtype=torch.bool, device=self.pos.device)
+        idx = torch.where(self.pos >= 0, self.pos.long(), n)  # empty slots go to the extra column
+        return mask.scatter_(-1, idx, True)[..., :n]
+
+
+class H2OCache(EvictingCache):
+    """Heavy-Hitter Oracle: keep the ``recent`` newest tokens plus the ``heavy``
+    older tokens with the largest accumulated attention probability."""
+
+    name = "h2o"
+    uses_scores = True
+
+    def __init__(self, n_layers, batch_size, n_heads, head_dim, max_len, dtype, device, *,
+                 heavy: int = 252, recent: int = 252):
+        if heavy < 0 or recent < 0:
+            raise ValueError(f"H2OCache: heavy and recent must be >= 0, got heavy={heavy}, recent={recent}")
+        self.heavy, self.recent = heavy, recent
+        super().__init__(n_layers, batch_size, n_heads, head_dim, max_len, dtype, device, budget=heavy + recent)
+
+    def eviction_key(self, scores, pos, newest):
+        return scores, pos <= newest - self.recent
+
+
+class SinkCache(EvictingCache):
+    """StreamingLLM: keep the first ``n_sink`` tokens (attention sinks) and the
+    ``window`` newest; evict the oldest token in between."""
+
+    name = "sink"
+
+    def __init__(self, n_layers, batch_size, n_heads, head_dim, max_len, dtype, device, *,
+                 n_sink: int = 4, window: int = 500):
+        if n_sink < 0 or window < 1:
+            raise ValueError(f"SinkCache: need n_sink >= 0 and window >= 1, got n_sink={n_sink}, window={window}")
+        self.n_sink, self.window = n_sink, window
+        super().__init__(n_layers, batch_size, n_heads, head_dim, max_len, dtype, device, budget=n_sink + window)
+
+    def eviction_key(self, scores, pos, newest):
+        return pos.float(), (pos >= self.n_sink) & (pos <= newest - self.window)
+
+
+class WindowCache(EvictingCache):
+    """Sliding window: keep the ``window`` newest tokens."""
+
+    name = "window"
+
+    def __init__(self, n_layers, batch_size, n_heads, head_dim, max_len, dtype, device, *, window: int = 504):
+        if window < 1:
+            raise ValueError(f"WindowCache: window must be >= 1, got {window}")
+        self.window = window
+        super().__init__(n_layers, batch_size, n_heads, head_dim, max_len, dtype, device, budget=window)
+
+    def eviction_key(self, scores, pos, newest):
+        return pos.float(), pos <= newest - self.window
