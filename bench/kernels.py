@@ -1,0 +1,362 @@
+"""`python -m bench kernels`: W8A16 linear vs torch fp16 F.linear vs torch dequantize + F.linear.
+
+Cases: M in {1, 2, 4, 8, 16, 32, 128, 2048} x Pythia-2.8B's linears (N, K):
+qkv (7680, 2560), attn_out (2560, 2560), mlp_up (10240, 2560) as ``linear`` and as
+``linear_gelu``, mlp_down (2560, 10240), lm_head (50304, 2560). Every case is timed
+three ways, all with the layer's bias:
+
+* ``w8a16``:  ``torch.ops.w8a16.linear`` / ``linear_gelu`` (int8 weight, fp32 scales);
+* ``fp16``:   ``F.linear(x, w_fp16, b)`` (cuBLAS), then ``F.gelu`` for the GeLU case;
+* ``dequant``: ``F.linear(x, w_int8.to(x.dtype)) * scales + b`` (gpt-fast's eager
+  form: the int8 -> fp16 cast materializes the weight, then cuBLAS; scales kept in x's dtype).
+
+("fp16" means ``--dtype``; bf16 with ``--dtype bfloat16``.)
+
+Timing (why it looks like this):
+
+* Weights that fit in the 50 MB L2 would time the cache, not HBM. Each contender
+  cycles through enough independent copies of its weight / scales / bias / input
+  that the working set is at least ``--l2_factor`` (4) x the L2 size (and at least 2 copies).
+* One CUDA graph holds many calls cycling through the copies, so launch gaps are
+  gone for all three contenders alike; the graph is replayed ``--replays`` times,
+  each timed with CUDA events, and the median per-call time is reported. Everything
+  is warmed up (eager calls, then one replay) first.
+* Bytes are what the call must move: weight + scales + bias + x in + y out, each
+  contender its own (fp16 weight for ``fp16``; int8 weight + scales for the others,
+  whose temporaries are not counted). The ceiling is the device-to-device copy
+  bandwidth measured in the same run (a 1 GiB copy, bytes read + written).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+from . import env, report
+
+M_VALUES = [1, 2, 4, 8, 16, 32, 128, 2048]
+QUICK_M = [1, 8, 16, 2048]
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    N: int
+    K: int
+    gelu: bool = False
+
+    @property
+    def op(self) -> str:
+        return "linear_gelu" if self.gelu else "linear"
+
+
+SHAPES = [
+    Shape("qkv", 7680, 2560),
+    Shape("attn_out", 2560, 2560),
+    Shape("mlp_up", 10240, 2560),
+    Shape("mlp_up_gelu", 10240, 2560, gelu=True),
+    Shape("mlp_down", 2560, 10240),
+    Shape("lm_head", 50304, 2560),
+]
+IMPLS = ["w8a16", "fp16", "dequant"]
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+KERNEL_FIELDS = ["shape", "op", "M", "N", "K", "impl", "us", "gb_s", "pct_copy_bw", "tflops", "speedup_vs_fp16",
+                 "bytes", "copies", "calls_per_graph"]
+
+
+def call_bytes(impl: str, M: int, N: int, K: int, act_bytes: int = 2) -> int:
+    """Bytes one call must move: weight + scales + bias + x + y (see the module doc)."""
+    activations = act_bytes * (M * K + M * N) + act_bytes * N  # x, y, bias
+    if impl == "fp16":
+        return act_bytes * N * K + activations
+    scales = 4 * N if impl == "w8a16" else act_bytes * N
+    return N * K + scales + activations
+
+
+def _median_us(times_s: list[float]) -> float:
+    return statistics.median(times_s) * 1e6
+
+
+class Timer:
+    """Per-call time of ``fn(i)`` (``i`` cycles over the copies): CUDA graph + events, or a CPU loop."""
+
+    def __init__(self, device: torch.device, replays: int, graph_ms: float = 20.0, max_calls: int = 2000):
+        self.device, self.replays, self.graph_ms, self.max_calls = device, replays, graph_ms, max_calls
+
+    def __call__(self, fn, copies: int) -> tuple[float, int]:
+        if self.device.type != "cuda":
+            return self._cpu(fn, copies)
+        for i in range(copies):  # warm-up: first-call setup, cuBLAS heuristics, allocator
+            fn(i)
+        torch.cuda.synchronize()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for i in range(copies):
+            fn(i)
+        e1.record()
+        e1.synchronize()
+        est_ms = max(e0.elapsed_time(e1) / copies, 1e-4)
+        calls = min(self.max_calls, max(copies, math.ceil(self.graph_ms / est_ms)))
+        calls = max(copies, calls - calls % copies)  # whole cycles over the copies
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(min(copies, 3)):
+                fn(i)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for j in range(calls):
+                fn(j % copies)
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(self.replays):
+            e0.record()
+            graph.replay()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) / 1e3 / calls)
+        del graph
+        return _median_us(times), calls
+
+    def _cpu(self, fn, copies: int) -> tuple[float, int]:
+        fn(0)
+        times = []
+        for _ in range(self.replays):
+            t0 = time.perf_counter()
+            for i in range(copies):
+                fn(i)
+            times.append((time.perf_counter() - t0) / copies)
+        return _median_us(times), copies
+
+
+def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read + written."""
+    n = nbytes // 4
+    src = [torch.empty(n, dtype=torch.float32, device=device).normal_()]
+    dst = [torch.empty_like(src[0])]
+    us, _ = timer(lambda i: dst[0].copy_(src[0]), 1)
+    del src, dst
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def _contender(impl: str, shape: Shape, M: int, dtype: torch.dtype, device: torch.device, copies: int):
+    """``fn(i)`` for ``copies`` independent sets of tensors of one contender."""
+    from w8a16_ops import quantize_per_channel
+
+    N, K = shape.N, shape.K
+    sets = []
+    for _ in range(copies):
+        x = torch.randn(M, K, dtype=dtype, device=device)                  # [M, K]
+        b = torch.randn(N, dtype=dtype, device=device) * 0.1               # [N]
+        w = torch.randn(N, K, dtype=dtype, device=device) * K ** -0.5      # [N, K]
+        if impl == "fp16":
+            sets.append((x, w, b))
+        else:
+            q, s = quantize_per_channel(w)                                 # int8 [N, K], fp32 [N]
+            del w
+            sets.append((x, q, s if impl == "w8a16" else s.to(dtype), b))
+    if impl == "w8a16":
+        op = torch.ops.w8a16.linear_gelu if shape.gelu else torch.ops.w8a16.linear
+        return lambda i: op(*sets[i])
+    act = F.gelu if shape.gelu else (lambda y: y)
+    if impl == "fp16":
+        return lambda i: act(F.linear(*sets[i]))
+
+    def dequant(i):
+        x, q, s, b = sets[i]
+        return act(F.linear(x, q.to(x.dtype)) * s + b)
+    return dequant
+
+
+def copies_for(nbytes: int, l2_bytes: int, l2_factor: float, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    return max(2, min(512, math.ceil(l2_factor * l2_bytes / nbytes)))
+
+
+def run_cases(shapes: list[Shape], ms: list[int], dtype: torch.dtype, device: torch.device, timer: Timer,
+              copy_gb_s: float, l2_bytes: int, l2_factor: float, progress: bool = True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    act_bytes = torch.finfo(dtype).bits // 8
+    rows = []
+    cases = [(s, m) for s in shapes for m in ms]
+    for shape, M in tqdm(cases, desc="kernels", disable=not progress, leave=False):
+        times = {}
+        for impl in IMPLS:
+            nbytes = call_bytes(impl, M, shape.N, shape.K, act_bytes)
+            copies = copies_for(nbytes, l2_bytes, l2_factor, device)
+            fn = _contender(impl, shape, M, dtype, device, copies)
+            us, calls = timer(fn, copies)
+            del fn
+            times[impl] = us
+            flops = 2 * M * shape.N * shape.K
+            gb_s = nbytes / (us * 1e-6) / 1e9
+            rows.append(dict(shape=shape.name, op=shape.op, M=M, N=shape.N, K=shape.K, impl=impl, us=us,
+                             gb_s=gb_s, pct_copy_bw=100 * gb_s / copy_gb_s, tflops=flops / (us * 1e-6) / 1e12,
+                             bytes=nbytes, copies=copies, calls_per_graph=calls))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for r in rows[-len(IMPLS):]:
+            r["speedup_vs_fp16"] = times["fp16"] / r["us"]
+    return rows
+
+
+def _gbs(v: float) -> str:
+    return f"{v:.0f}" if v >= 10 else f"{v:.2f}"
+
+
+def kernel_table(rows: list[dict]) -> str:
+    cells = [[r["shape"], r["M"], r["N"], r["K"], r["impl"], f"{r['us']:.2f}", _gbs(r["gb_s"]),
+              f"{r['pct_copy_bw']:.1f}", f"{r['tflops']:.2f}", f"{r['speedup_vs_fp16']:.2f}x"] for r in rows]
+    return tabulate(cells, headers=["shape", "M", "N", "K", "impl", "µs", "GB/s", "% copy BW", "TFLOP/s",
+                                    "vs fp16"], tablefmt="github", disable_numparse=True)
+
+
+def bar_summary(rows: list[dict]) -> list[str]:
+    """Issue 2's bars, read off the rows (informative; nothing is asserted)."""
+    ours = {(r["shape"], r["M"]): r for r in rows if r["impl"] == "w8a16"}
+    out = []
+
+    def check(desc, cases, value, target, fmt):
+        cases = [c for c in cases if c in ours]
+        if not cases:
+            return
+        worst = min(cases, key=lambda c: value(ours[c]))
+        v = value(ours[worst])
+        out.append(f"{'PASS' if v >= target else 'MISS'}  {desc}: worst {fmt(v)} at {worst[0]} M={worst[1]} "
+                   f"(bar {fmt(target)})")
+
+    big = ["mlp_up", "mlp_up_gelu", "mlp_down", "lm_head"]
+    small = ["qkv", "attn_out"]
+    dec = [1, 2, 4, 8]
+    pct = lambda v: f"{v:.1f}%"  # noqa: E731
+    x = lambda v: f"{v:.2f}x"  # noqa: E731
+    check("M 1-8, MLP + LM head, % copy BW", [(s, m) for s in big for m in dec], lambda r: r["pct_copy_bw"], 80, pct)
+    check("M 1-8, qkv + attn_out, % copy BW", [(s, m) for s in small for m in dec], lambda r: r["pct_copy_bw"], 60,
+          pct)
+    check("M 1-8, every shape, speed-up vs fp16", [(s, m) for s in big + small for m in dec],
+          lambda r: r["speedup_vs_fp16"], 1.7, x)
+    check("M 16, MLP + LM head, speed-up vs fp16", [(s, 16) for s in big], lambda r: r["speedup_vs_fp16"], 1.5, x)
+    check("M 2048, every shape, speed vs fp16", [(s, 2048) for s in big + small], lambda r: r["speedup_vs_fp16"],
+          0.6, x)
+    for m in sorted({r["M"] for r in rows}):
+        a, g = ours.get(("mlp_up", m)), ours.get(("mlp_up_gelu", m))
+        if a and g:
+            extra = 100 * (g["us"] / a["us"] - 1)
+            out.append(f"{'PASS' if extra <= 3 else 'MISS'}  linear_gelu vs linear, mlp_up M={m}: "
+                       f"{extra:+.1f}% time (bar <= +3%)")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench kernels", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dtype", choices=list(_DTYPES), default="float16", help="activation dtype")
+    p.add_argument("--m", default=None, help=f"comma-separated M values (default {','.join(map(str, M_VALUES))})")
+    p.add_argument("--shapes", default=None, help=f"comma-separated shapes: {', '.join(s.name for s in SHAPES)}")
+    p.add_argument("--quick", action="store_true",
+                   help=f"fewer cases and replays: M in {QUICK_M}, 3 replays")
+    p.add_argument("--replays", type=int, default=7, help="graph replays per case (median taken)")
+    p.add_argument("--l2_factor", type=float, default=4.0, help="working set per contender, in multiples of L2")
+    p.add_argument("--device", default=None, help="cuda (default) or cpu (a smoke test: no graphs, no meaning)")
+    p.add_argument("--dry_run", action="store_true", help="list the cases and their byte counts, time nothing")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the rows and the header as JSON")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def _int_list(parser, flag, text) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"{flag}: expected comma-separated positive integers, got {text!r}")
+    if not values or min(values) <= 0:
+        parser.error(f"{flag}: expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    a.ms = _int_list(parser, "--m", a.m) if a.m else (QUICK_M if a.quick else M_VALUES)
+    names = {s.name: s for s in SHAPES}
+    if a.shapes:
+        unknown = [n for n in a.shapes.split(",") if n.strip() not in names]
+        if unknown:
+            parser.error(f"--shapes: unknown shape(s) {unknown}; expected {', '.join(names)}")
+        a.shape_list = [names[n.strip()] for n in a.shapes.split(",")]
+    else:
+        a.shape_list = list(SHAPES)
+    if a.quick and a.replays == 7:
+        a.replays = 3
+    if a.replays < 1:
+        parser.error(f"--replays: must be >= 1, got {a.replays}")
+    if a.l2_factor <= 0:
+        parser.error(f"--l2_factor: must be > 0, got {a.l2_factor}")
+    if not a.dry_run:
+        if a.device is None and not torch.cuda.is_available():
+            parser.error("no CUDA GPU found: the kernel benchmark times GPU kernels; use --device cpu for a "
+                         "smoke test of the benchmark itself, or --dry_run to list the cases")
+        try:
+            a.device = env.resolve_device(a.device)
+        except ValueError as e:
+            parser.error(str(e))
+    if a.json:
+        from pathlib import Path
+        if not Path(a.json).expanduser().resolve().parent.is_dir():
+            parser.error(f"--json {a.json}: directory does not exist")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse_args(argv)
+    dtype = _DTYPES[a.dtype]
+    act_bytes = torch.finfo(dtype).bits // 8
+    if a.dry_run:
+        cells = [[s.name, s.op, M, s.N, s.K] + [call_bytes(i, M, s.N, s.K, act_bytes) for i in IMPLS]
+                 for s in a.shape_list for M in a.ms]
+        print(f"# python -m bench kernels --dry_run: {len(cells)} cases x {len(IMPLS)} contenders, dtype {a.dtype}")
+        print(tabulate(cells, headers=["shape", "op", "M", "N", "K"] + [f"bytes {i}" for i in IMPLS],
+                       tablefmt="github"))
+        return 0
+    device = a.device
+    import w8a16_ops  # noqa: F401  (registers the ops; builds the CUDA kernels on first use)
+
+    command = env.command_line("kernels", argv)
+    info = env.environment(device, command)
+    print(env.format_header("python -m bench kernels: W8A16 linear vs torch", info), flush=True)
+    if device.type == "cpu":
+        print("!!! CPU run: the ops run their fp32 pure-torch reference and nothing is graph-captured; "
+              "the figures below are a smoke test of the benchmark, not kernel speeds.")
+    timer = Timer(device, a.replays)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    copy_gb_s = copy_bandwidth(device, timer, (1 << 30) if device.type == "cuda" else (1 << 26))
+    print(f"{'copy bandwidth':>18}: {copy_gb_s:.0f} GB/s (device-to-device copy, read + write, measured now)")
+    print(f"{'timing':>18}: median of {a.replays} CUDA-graph replays, working set >= {a.l2_factor:g} x L2 "
+          f"({l2 / 2**20:.0f} MB) per contender; dtype {a.dtype}" if device.type == "cuda" else
+          f"{'timing':>18}: CPU loop, median of {a.replays}")
+    rows = run_cases(a.shape_list, a.ms, dtype, device, timer, copy_gb_s, l2, a.l2_factor, not a.no_progress)
+    print(kernel_table(rows))
+    summary = bar_summary(rows) if device.type == "cuda" else []
+    if summary:
+        print("\nIssue 2 bars (from the rows above; w8a16 only):")
+        for line in summary:
+            print("  " + line)
+    if a.json:
+        report.write_json(a.json, {"environment": info, "copy_gb_s": copy_gb_s, "l2_bytes": l2,
+                                   "dtype": a.dtype, "replays": a.replays, "l2_factor": a.l2_factor,
+                                   "rows": rows, "bars": summary})
+        print(f"JSON written to {a.json}")
+    return 0
