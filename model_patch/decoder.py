@@ -1,0 +1,296 @@
+"""A lean GPT-NeoX decode loop: static KV-cache policy, eager prefill, one compiled decode step.
+
+    dec = Decoder(model, batch_size=1, max_len=640, kv="h2o:252,252")
+    out = dec.generate(input_ids, max_new_tokens=512)        # [B, T + 512] greedy
+    logprobs = dec.teacher_force(tokens, prefill_len=128)    # [B, N - 129] fp32
+
+The decoder runs its own forward over the HF model's modules (``embed_in``, the
+layer norms, ``query_key_value``/``dense`` through ``attention.policy_attention``,
+``mlp`` as it is, ``final_layer_norm``, ``get_output_embeddings()``), so it serves
+FP16/BF16/FP32 models and W8A16-quantized ones alike.
+
+The decode step (``decode_step``) is one function, compiled once per decoder with
+``torch.compile(mode="reduce-overhead", fullgraph=True)`` on CUDA, so every step
+replays one CUDA graph. It holds: the token embedding, the rotary cos/sin computed
+from ``cache.seen`` (a device tensor), every layer (QKV, rotary, the policy's
+``decode`` incl. its eviction, dense, MLP, residuals), ``cache.advance(1)``, the
+final norm, the LM head, the greedy argmax and, when targets are given, the target
+log-probability (``logit[target] - logsumexp(logits)``, fp32). The full logits never
+leave the graph. Two variants exist (with and without targets), each compiled once.
+"""
+from __future__ import annotations
+
+import types
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .attention import MAX_POSITION, policy_attention, prompt_limit, rotary_cos_sin, sequence_limit
+from .kv_cache import KVCache
+from .policies import PolicySpec, make_cache, parse_policy
+
+# rope types whose inv_freq changes with the sequence length (HF's dynamic_rope_update):
+# the decode step computes its angles in-graph from a fixed inv_freq, so they are refused.
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+class Decoder:
+    """Greedy generation and teacher forcing of a GPT-NeoX model through a KV-cache policy.
+
+    Args:
+        model: an HF ``GPTNeoXForCausalLM``, plain or W8A16-quantized, in eval mode.
+        batch_size: rows per call (every call must use exactly this batch).
+        max_len: longest sequence (prompt + new tokens) for ``kv="full"``; for the
+            evicting policies, the longest prompt (their memory is bounded by the budget,
+            so decoding is not limited by ``max_len``).
+        kv: ``"full"``, ``"h2o:HEAVY,RECENT"``, ``"sink:N_SINK,WINDOW"``, ``"window:W"``
+            or a ``PolicySpec``.
+        compile: compile the decode step with ``torch.compile(fullgraph=True)``;
+            None (default) compiles on CUDA only, with ``mode="reduce-overhead"``
+            (CUDA graphs). ``compile=True`` on CPU uses inductor's default mode.
+
+    Attributes: ``model``, ``cache`` (the ``KVCache``), ``policy`` (the ``PolicySpec``),
+    ``batch_size``, ``max_len``, ``dtype``, ``device``, ``compiled``.
+    """
+
+    def __init__(self, model: nn.Module, *, batch_size: int, max_len: int, kv: str | PolicySpec = "full",
+                 compile: bool | None = None):
+        from .quant import check_gpt_neox_model
+
+        check_gpt_neox_model("Decoder", model)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"Decoder: batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"Decoder: max_len must be a positive int, got {max_len!r}")
+        config = model.config
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", "default")
+        if rope_type in _DYNAMIC_ROPE:
+            raise ValueError(f"Decoder: rope_type {rope_type!r} changes its frequencies with the sequence length; "
+                             "only fixed-frequency rotary embeddings are supported")
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"Decoder: hidden_size={config.hidden_size} is not a multiple of "
+                             f"num_attention_heads={config.num_attention_heads}")
+
+        self.model = model
+        self.neox = model.gpt_neox
+        self.lm_head = model.get_output_embeddings()
+        weight = self.neox.embed_in.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        self.batch_size, self.max_len = batch_size, max_len
+        self.policy = parse_policy(kv)
+        self.cache: KVCache = make_cache(
+            self.policy, config.num_hidden_layers, batch_size, config.num_attention_heads,
+            config.hidden_size // config.num_attention_heads, max_len, self.dtype, self.device)
+        self._seq_limit = sequence_limit(self.cache)
+        self._prompt_limit = prompt_limit(self.cache)
+        self._rope_scaling = float(getattr(self.neox.rotary_emb, "attention_scaling", 1.0))
+
+        self.compiled = (self.device.type == "cuda") if compile is None else bool(compile)
+        self._cuda_graphs = self.compiled and self.device.type == "cuda"
+        step = self._step_eager
+        if self.compiled:
+            # A private copy of the step's code object: dynamo caches compiled graphs per
+            # code object, so each decoder compiles its own step once and many decoders
+            # in one process never pile up entries (or hit the recompile limit) on a
+            # shared one.
+            code = Decoder._step_eager.__code__.replace(co_name=f"decode_step_{id(self):x}")
+            fn = types.FunctionType(code, Decoder._step_eager.__globals__, code.co_name)
+            step = torch.compile(types.MethodType(fn, self), fullgraph=True, dynamic=False,
+                                 mode="reduce-overhead" if self._cuda_graphs else None)
+            self._step_code = code
+        self._step = step
+        self._pos = 0  # tokens consumed per row, tracked on the host
+        self._started = False
+
+    def _forward(self, input_ids: torch.Tensor, prefill: bool) -> torch.Tensor:
+        """input_ids [B, T] long -> final hidden states [B, T, hidden]. Advances the cache by T."""
+        T = input_ids.shape[1]
+        positions = self.cache.seen + torch.arange(T, device=input_ids.device)  # [T] int64
+        # inv_freq is read through its module so that dynamo treats it as a static buffer
+        # (a plain attribute would be copied into the CUDA graph's inputs every step).
+        inv_freq = self.neox.rotary_emb.inv_freq  # [R / 2], used as fp32 like HF
+        cos, sin = rotary_cos_sin(inv_freq, positions, self._rope_scaling, self.dtype)  # [1, T, R]
+        x = self.neox.embed_in(input_ids)  # [B, T, hidden]
+        for i, layer in enumerate(self.neox.layers):
+            attn = policy_attention(layer.attention, layer.input_layernorm(x), cos, sin, self.cache, i, prefill)
+            if layer.use_parallel_residual:
+                # x + attn(ln1(x)) + mlp(ln2(x)), summed in HF's order
+                x = layer.mlp(layer.post_attention_layernorm(x)) + attn + x
+            else:
+                attn = attn + x
+                x = layer.mlp(layer.post_attention_layernorm(attn)) + attn
+        self.cache.advance(T)
+        return self.neox.final_layer_norm(x)
+
+    def _step_eager(self, tokens: torch.Tensor, targets: torch.Tensor | None):
+        # The decode step. Compiled as one graph (a private copy of this code, see __init__).
+        h = self._forward(tokens[:, None], prefill=False)  # [B, 1, hidden]
+        logits = self.lm_head(h[:, 0]).float()  # [B, V]
+        next_tokens = logits.argmax(dim=-1)
+        if targets is None:
+            return next_tokens, None
+        target_logprobs = logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+        return next_tokens, target_logprobs
+
+    def _check_ids(self, fn: str, ids: torch.Tensor, dims: int) -> None:
+        what = "[B, T]" if dims == 2 else "[B]"
+        if not isinstance(ids, torch.Tensor) or ids.dim() != dims:
+            raise ValueError(f"Decoder.{fn}: token ids must be a {dims}-D tensor {what}, got "
+                             f"{getattr(ids, 'shape', type(ids).__name__)}")
+        if ids.dtype != torch.long:
+            raise ValueError(f"Decoder.{fn}: token ids must be int64, got {ids.dtype}")
+        if ids.shape[0] != self.batch_size:
+            raise ValueError(f"Decoder.{fn}: built for batch_size={self.batch_size}, got a batch of {ids.shape[0]}")
+        if ids.device != self.device:
+            raise ValueError(f"Decoder.{fn}: token ids are on {ids.device}, the model is on {self.device}")
+
+    def _check_length(self, fn: str, total: int, prompt: int) -> None:
+        if prompt < 1:
+            raise ValueError(f"Decoder.{fn}: the prompt must hold at least one token")
+        if prompt > self._prompt_limit:
+            raise ValueError(f"Decoder.{fn}: prompt of {prompt} tokens exceeds max_len={self._prompt_limit}")
+        limit = MAX_POSITION if self._seq_limit is None else self._seq_limit
+        if total > limit:
+            raise ValueError(f"Decoder.{fn}: {total} tokens exceed max_len={limit} of the {self.policy.name!r} "
+                             "cache; build the decoder with a larger max_len")
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the KV cache's buffers."""
+        return self.cache.memory_bytes()
+
+    def reset(self) -> None:
+        """Empty the cache in place (buffer addresses, hence CUDA graphs, stay valid)."""
+        self.cache.reset()
+        self._pos = 0
+        self._started = False
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Start a new sequence: run the prompt eagerly and fill the cache.
+
+        Args:
+            input_ids: [B, T] int64 on the model's device, 1 <= T <= max_len.
+        Returns:
+            [B, V] fp32 logits of the last position.
+        """
+        self._check_ids("prefill", input_ids, 2)
+        self._check_length("prefill", input_ids.shape[1], input_ids.shape[1])
+        self.reset()
+        h = self._forward(input_ids, prefill=True)  # [B, T, hidden]
+        self._pos = input_ids.shape[1]
+        self._started = True
+        return self.lm_head(h[:, -1]).float()
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor,
+                    targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed one token per row (after ``prefill``) and take the greedy next token.
+
+        Args:
+            tokens: [B] int64, the token at position ``seen`` of each row.
+            targets: optional [B] int64; when given, their log-probabilities under this
+                step's distribution are returned too.
+        Returns:
+            next_tokens [B] int64 (argmax) and target_logprobs [B] fp32 (or None).
+            With CUDA graphs these are graph outputs, overwritten by the next step:
+            copy them (``.clone()`` or into your own buffer) to keep them.
+        """
+        if not self._started:
+            raise RuntimeError("Decoder.decode_step: call prefill() first")
+        self._check_ids("decode_step", tokens, 1)
+        if targets is not None:
+            self._check_ids("decode_step", targets, 1)
+        limit = MAX_POSITION if self._seq_limit is None else self._seq_limit
+        if self._pos + 1 > limit:
+            raise ValueError(f"Decoder.decode_step: the cache is full ({self._pos} tokens, max_len={limit} "
+                             f"for the {self.policy.name!r} cache)")
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self._step(tokens, targets)
+        self._pos += 1
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding: prefill ``input_ids`` then ``max_new_tokens - 1`` decode steps.
+
+        Args:
+            input_ids: [B, T] int64 prompt (unpadded).
+            max_new_tokens: tokens to generate (>= 0). For ``full``, T + max_new_tokens <= max_len.
+        Returns:
+            [B, T + max_new_tokens] int64: the prompt followed by the generated tokens.
+        """
+        self._check_ids("generate", input_ids, 2)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"Decoder.generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        T = input_ids.shape[1]
+        self._check_length("generate", T + max_new_tokens, T)
+        if max_new_tokens == 0:
+            return input_ids.clone()
+        new = torch.empty(max_new_tokens, self.batch_size, dtype=torch.long, device=self.device)  # [N, B]
+        new[0] = self.prefill(input_ids).argmax(dim=-1)
+        for j in range(1, max_new_tokens):
+            next_tokens, _ = self.decode_step(new[j - 1])
+            new[j].copy_(next_tokens)
+        return torch.cat([input_ids, new.t()], dim=1)
+
+    @torch.no_grad()
+    def teacher_force(self, input_ids: torch.Tensor, prefill_len: int,
+                      progress: bool | Callable[[int, int], None] | None = None,
+                      return_predictions: bool = False):
+        """Score a given continuation token by token through the decode step (for perplexity).
+
+        The first ``prefill_len`` tokens are the prompt (prefilled at once). Then decode
+        step ``j`` feeds the true token ``input_ids[:, prefill_len + j]`` and scores the
+        next true token ``input_ids[:, prefill_len + j + 1]``, for
+        ``j = 0 .. N - prefill_len - 2``. So ``N - prefill_len - 1`` tokens are decoded and
+        scored; the prefill's own prediction (of token ``prefill_len``) is not scored.
+        E.g. N = 2177, prefill_len = 128: 2048 decode steps scoring tokens 129 .. 2176.
+
+        Args:
+            input_ids: [B, N] int64.
+            prefill_len: 1 <= prefill_len <= N - 1.
+            progress: True for a tqdm bar, or a callable ``progress(steps_done, steps_total)``
+                called after each step (it must not sync the device if speed matters).
+            return_predictions: also return the greedy prediction of each step.
+        Returns:
+            logprobs [B, N - prefill_len - 1] fp32 (natural log), and with
+            ``return_predictions`` also predictions [B, N - prefill_len - 1] int64 (the argmax
+            at each step, to compare with ``input_ids[:, prefill_len + 1:]``).
+        """
+        self._check_ids("teacher_force", input_ids, 2)
+        N = input_ids.shape[1]
+        if not isinstance(prefill_len, int) or not 1 <= prefill_len <= N - 1:
+            raise ValueError(f"Decoder.teacher_force: prefill_len must be in [1, N - 1] = [1, {N - 1}], "
+                             f"got {prefill_len!r}")
+        # The last token is only scored, never fed.
+        self._check_length("teacher_force", N - 1, prefill_len)
+        steps = N - prefill_len - 1
+        feed = input_ids[:, prefill_len:].t().contiguous()  # [steps + 1, B]: row j is fed at step j
+        logprobs = torch.empty(steps, self.batch_size, dtype=torch.float32, device=self.device)
+        predictions = torch.empty(steps, self.batch_size, dtype=torch.long, device=self.device)
+        self.prefill(input_ids[:, :prefill_len])
+        bar = None
+        if progress is True:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=steps, desc="teacher forcing", unit="tok")
+        for j in range(steps):
+            next_tokens, lp = self.decode_step(feed[j], feed[j + 1])
+            logprobs[j].copy_(lp)
+            predictions[j].copy_(next_tokens)
+            if bar is not None:
+                bar.update(1)
+            elif callable(progress):
+                progress(j + 1, steps)
+        if bar is not None:
+            bar.close()
+        if return_predictions:
+            return logprobs.t().contiguous(), predictions.t().contiguous()
+        return logprobs.t().contiguous()
+
+    def __repr__(self) -> str:
+        return (f"Decoder(policy={self.policy}, batch_size={self.batch_size}, max_len={self.max_len}, "
+                f"dtype={self.dtype}, device={self.device}, compiled={self.compiled}, "
+                f"cache={self.memory_bytes() / 2**20:.1f} MiB)")
