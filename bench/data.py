@@ -101,9 +101,25 @@ def dataset_files(directory: Path) -> list[Path]:
     return test or files
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the HF endpoint, so that an offline machine does not sit through
+    ``datasets``' retries (about 30 s) before the local fallback."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_hf_wikitext() -> list[str]:
     import datasets  # only here: local files must work without it
 
+    if not _hub_reachable():
+        datasets.config.HF_HUB_OFFLINE = True  # the local HF cache only; fails at once when not cached
     rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
     return ["".join(rows["text"])]
 

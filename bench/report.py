@@ -28,7 +28,7 @@ STUDY_FIELDS = [
     "batch", "mode", "label", "kv", "weights", "dtype", "tok_s", "peak_mb", "ppl", "ppl_meaningful",
     "total_s", "prefill_s", "decode_s", "compile_s", "speedup_vs_fp16_full", "memory_vs_fp16_full",
     "kv_mb", "prefill_len", "decode_len", "n_scored_tokens", "nll", "ppl_per_sequence", "compiled", "cuda_graphs",
-    "model", "random_weights", "error",
+    "start_mb", "model", "random_weights", "error",
 ]
 
 
@@ -135,3 +135,39 @@ def write_plot(path: str, rows: list[dict], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def study_bars(rows: list[dict]) -> list[str]:
+    """The speed / memory bars of issues 3, 4 and 5, read off one run's rows (informative only).
+
+    Every ratio compares rows of this run. A bar whose rows are missing is skipped.
+    """
+    ok = {(r["batch"], r["mode"]): r for r in rows if not r.get("error")}
+    out = []
+
+    def ratio(batch, a, b, key):
+        ra, rb = ok.get((batch, a)), ok.get((batch, b))
+        if ra is None or rb is None or not ra.get(key) or not rb.get(key):
+            return None
+        return ra[key] / rb[key]
+
+    def line(value, target, higher, text):
+        if value is None:
+            return
+        good = value >= target if higher else value <= target
+        out.append(f"{'PASS' if good else 'MISS'}  {text}: {value:.2f}x (bar {'>=' if higher else '<='} "
+                   f"{target:g}x)")
+
+    batches = sorted({b for b, _ in ok})
+    for b in batches:
+        line(ratio(b, "int8_full", "fp16_full", "tok_s"), 1.5 if b == 1 else 1.3, True,
+             f"batch {b}: INT8 Full tok/s vs FP16 Full")
+        line(ratio(b, "int8_h2o", "int8_full", "tok_s"), 1.5 if b >= 16 else 1.0, True,
+             f"batch {b}: INT8 H2O tok/s vs INT8 Full")
+        line(ratio(b, "fp16_full", "hf_compile", "tok_s"), 1.3, True,
+             f"batch {b}: FP16 Full tok/s vs HF compile (static cache)")
+        line(ratio(b, "int8_full", "fp16_full", "peak_mb"), 0.6, False, f"batch {b}: INT8 Full peak memory vs FP16 Full")
+        if b >= 16:
+            line(ratio(b, "int8_h2o", "fp16_full", "peak_mb"), 0.45, False,
+                 f"batch {b}: INT8 H2O peak memory vs FP16 Full")
+    return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +206,7 @@ class Study:
         self.info = env.environment(self.device, command)
         self.notices: list[str] = []   # loud
         self.notes: list[str] = []     # informative
+        self.warnings: list[str] = []  # loud, repeated after the table
         self.rows: list[dict] = []
         self.random_weights = args.model_path.startswith("random:")
         self.model_used = args.model_path
@@ -234,9 +236,10 @@ class Study:
             self.int8_source = f"{ckpt} (made from {source})"
             self.notes.append(f"INT8 model: loaded from --ckpt_dir {ckpt}, made from {source}")
             if fp is not None and source != self.model_used:
-                self.notices.append(
+                self.warnings.append(
                     f"!!! WARNING: the INT8 checkpoint {ckpt} was made from {source!r}, but the FP rows use "
                     f"{self.model_used!r}: the INT8 and FP rows are different models")
+                print(self.warnings[-1], file=sys.stderr, flush=True)
             if fp is None:
                 self.random_weights = source.startswith("random:")
                 self.model_used = source
@@ -290,10 +293,12 @@ class Study:
                    random_weights=self.random_weights, ppl_meaningful=not self.random_weights,
                    cuda_graphs=None, compiled=None, error=None,
                    tok_s=None, peak_mb=None, ppl=None, total_s=None, prefill_s=None, decode_s=None,
-                   compile_s=None, kv_mb=None, n_scored_tokens=None, nll=None, ppl_per_sequence=None)
+                   compile_s=None, kv_mb=None, n_scored_tokens=None, nll=None, ppl_per_sequence=None,
+                   start_mb=None)
         release_memory(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            row["start_mb"] = torch.cuda.memory_allocated(self.device) / 2**20  # weights + tokens
         peer = None
         try:
             peer = self.make_peer(mode, model, batch, a.prefill_len + a.decode_len)
@@ -335,6 +340,11 @@ class Study:
         lines.append(f"{'workload':>18}: batch {','.join(map(str, a.batch_size))}, prefill {a.prefill_len}, "
                      f"decode {a.decode_len} teacher-forced, dtype {a.dtype}, int8_h2o KV {a.kv_policy}")
         lines.append(f"{'dataset':>18}: {self.dataset_source}")
+        if "hf_eager" in a.modes or "hf_compile" in a.modes:
+            lines.append(f"{'HF peers':>18}: teacher-forced like our rows; hf_eager = HF forward + DynamicCache, one "
+                         "call per token; hf_compile = HF StaticCache + torch.compile(model.__call__, "
+                         "mode='reduce-overhead'), the compiled decode call of generate(cache_implementation="
+                         "'static'); both prefill eagerly")
         if self.device.type == "cpu":
             lines.append(f"{'CUDA graphs':>18}: SKIPPED (CPU run): our decoder runs its decode steps eagerly "
                          "(it compiles on CUDA only), hf_compile is traced by dynamo with backend=eager (no "
@@ -350,8 +360,8 @@ class Study:
         config["kv_policy"] = str(a.kv_policy)
         return {"environment": self.info, "config": config, "model": self.model_used,
                 "random_weights": self.random_weights, "int8_model": self.int8_source,
-                "dataset": self.dataset_source, "notices": self.notices, "notes": self.notes,
-                "rows": self.rows}
+                "dataset": self.dataset_source, "notices": self.notices + self.warnings, "notes": self.notes,
+                "wall_s": getattr(self, "wall_s", None), "rows": self.rows}
 
     def save_outputs(self) -> None:
         report.add_ratios(self.rows)
@@ -361,6 +371,7 @@ class Study:
             report.write_csv(self.args.csv, self.rows, report.STUDY_FIELDS)
 
     def run(self) -> int:
+        t_start = time.perf_counter()
         a = self.args
         corpus = load_corpus(a.dataset)
         self.dataset_source = corpus.source
@@ -388,7 +399,7 @@ class Study:
         seqs = seqs.to(self.device)
 
         print("\n".join(self.header_lines()), flush=True)
-        for n in self.notices:
+        for n in self.notices + self.warnings:
             print(n, flush=True)
         for n in self.notes:
             print(f"note: {n}", flush=True)
@@ -422,9 +433,9 @@ class Study:
               "compile s = the separate warm-up run (prefill + "
               f"{a.warmup_steps} decode steps).")
         if self.random_weights:
-            print("!!! PPL marked '(random)': the model has RANDOM WEIGHTS, so its perplexity means nothing "
-                  "(it only shows that INT8 and FP agree). Speed and memory figures are valid.")
-        for n in self.notices:
+            print(f"!!! PPL marked '(random)': the model ({self.model_used}) has RANDOM WEIGHTS, so its perplexity "
+                  "means nothing (at most it shows whether INT8 and FP agree). Speed and memory figures are valid.")
+        for n in self.warnings:
             print(n)
         if a.plot:
             report.write_plot(a.plot, self.rows, f"{self.info.get('gpu')} | {self.model_used} | "
@@ -434,6 +445,14 @@ class Study:
             print(f"JSON written to {a.json}")
         if a.csv:
             print(f"CSV written to {a.csv}")
+        bars = report.study_bars(self.rows) if self.device.type == "cuda" else []
+        if bars:
+            print("\nBars of issues 3-5 read off this run (ratios within this run; informative):")
+            for line in bars:
+                print("  " + line)
+        self.wall_s = time.perf_counter() - t_start
+        print(f"\nwhole run: {self.wall_s:.0f} s (loading, tokenizing, compiling and every row)")
+        self.save_outputs()
         failed = [r for r in self.rows if r["error"]]
         return 1 if failed else 0
 

@@ -89,3 +89,21 @@ def test_cli_dispatch_and_help(capsys):
     with contextlib.redirect_stdout(buf):
         assert cli.main(["kernels", "--dry_run", "--quick"]) == 0
     assert "24 cases" in buf.getvalue()
+
+
+def test_study_bars_compare_rows_of_one_run():
+    rows = [_row(1, "fp16_full", 300.0, 6000.0), _row(1, "int8_full", 600.0, 3300.0),
+            _row(1, "int8_h2o", 590.0, 3400.0), _row(1, "hf_compile", 250.0, 6100.0),
+            _row(16, "fp16_full", 2000.0, 20000.0), _row(16, "int8_full", 2400.0, 17000.0),
+            _row(16, "int8_h2o", 4000.0, 8000.0)]
+    bars = report.study_bars(rows)
+    assert "PASS  batch 1: INT8 Full tok/s vs FP16 Full: 2.00x (bar >= 1.5x)" in bars
+    assert "MISS  batch 1: INT8 H2O tok/s vs INT8 Full: 0.98x (bar >= 1x)" in bars
+    assert "MISS  batch 1: FP16 Full tok/s vs HF compile (static cache): 1.20x (bar >= 1.3x)" in bars
+    assert "PASS  batch 1: INT8 Full peak memory vs FP16 Full: 0.55x (bar <= 0.6x)" in bars
+    assert "MISS  batch 16: INT8 Full tok/s vs FP16 Full: 1.20x (bar >= 1.3x)" in bars
+    assert "PASS  batch 16: INT8 H2O tok/s vs INT8 Full: 1.67x (bar >= 1.5x)" in bars
+    assert "PASS  batch 16: INT8 H2O peak memory vs FP16 Full: 0.40x (bar <= 0.45x)" in bars
+    assert not any("batch 16: FP16 Full tok/s vs HF compile" in b for b in bars)  # no hf_compile row at 16
+    rows[1]["error"] = "OOM"
+    assert not any(b[6:].startswith("batch 1: INT8 Full tok/s") for b in report.study_bars(rows))
