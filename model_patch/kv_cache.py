@@ -3,7 +3,10 @@
 Every policy is an ``nn.Module`` that owns the cache of *all* layers in fixed
 device buffers (so their addresses never change and CUDA graphs can replay):
 
-* ``k``, ``v``: ``[L, B, H, S, D]`` in the model dtype, ``S = capacity`` slots.
+* ``k``, ``v``: ``[L, B, H, S, D]`` in the model dtype, ``S = capacity`` slots,
+  stored as one buffer per layer (a ``LayerStack``): a compiled step that
+  writes into a *view* of one ``[L, ...]`` buffer gets functionalized into a copy
+  of the whole buffer per write (measured on H100: 0.2-3 ms per decode step).
 * ``length``: ``[B]`` int32, the number of tokens held (valid slots).
 * ``seen``: ``[1]`` int64, the number of tokens consumed so far, which is also
   the rotary position of the next token.
@@ -99,6 +102,70 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out, sums
 
 
+class LayerStack:
+    """Per-layer tensors that index like one ``[L, ...]`` tensor.
+
+    ``stack[l]`` and ``stack[l, ...rest]`` return (views of) layer ``l``'s own
+    tensor, so every in-place write in the decode step mutates a whole graph input
+    in place. Whole-stack reads (``shape``, comparisons, ``stacked()``) are for
+    tests and tools; they copy.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.layers = list(tensors)
+
+    def __getitem__(self, idx):
+        first, rest = (idx[0], idx[1:]) if isinstance(idx, tuple) else (idx, ())
+        if isinstance(first, int):
+            t = self.layers[first]
+            return t[rest] if rest else t
+        return self.stacked()[idx]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.layers), *self.layers[0].shape))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+    def fill_(self, value) -> "LayerStack":
+        for t in self.layers:
+            t.fill_(value)
+        return self
+
+    def zero_(self) -> "LayerStack":
+        return self.fill_(0)
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack(self.layers)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # torch.equal(stack, other) and friends see the stacked copy.
+        def unwrap(a):
+            return a.stacked() if isinstance(a, LayerStack) else a
+        return func(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
+    def __eq__(self, other):
+        return self.stacked() == other
+
+    def __ge__(self, other):
+        return self.stacked() >= other
+
+    __hash__ = None
+
+
 class KVCache(nn.Module):
     """Base class: the buffers and bookkeeping every policy shares."""
 
@@ -113,13 +180,20 @@ class KVCache(nn.Module):
         self.n_layers, self.batch_size, self.n_heads, self.head_dim = n_layers, batch_size, n_heads, head_dim
         self.capacity = capacity
         self.scale = head_dim ** -0.5
-        shape = (n_layers, batch_size, n_heads, capacity, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (batch_size, n_heads, capacity, head_dim)
+        self.k = self._layer_buffers("k", shape, 0, dtype, device)
+        self.v = self._layer_buffers("v", shape, 0, dtype, device)
         self.register_buffer("length", torch.zeros(batch_size, dtype=torch.int32, device=device),
                              persistent=False)
         self.register_buffer("seen", torch.zeros(1, dtype=torch.int64, device=device), persistent=False)
         self._mark_static()
+
+    def _layer_buffers(self, name: str, shape: tuple, fill, dtype: torch.dtype, device) -> LayerStack:
+        """One non-persistent buffer ``{name}_{l}`` of ``shape`` per layer, as a LayerStack."""
+        for layer in range(self.n_layers):
+            self.register_buffer(f"{name}_{layer}", torch.full(shape, fill, dtype=dtype, device=device),
+                                 persistent=False)
+        return LayerStack([getattr(self, f"{name}_{layer}") for layer in range(self.n_layers)])
 
     def _mark_static(self) -> None:
         # Buffers that the compiled decode step mutates must have static addresses,
@@ -200,12 +274,11 @@ class EvictingCache(KVCache):
         # that covers the whole sequence never evicts and needs no more than max_len.
         super().__init__(n_layers, batch_size, n_heads, head_dim, min(budget + 1, max_len), dtype, device)
         self.budget, self.max_len = budget, max_len
-        slots = (n_layers, batch_size, n_heads, self.capacity)
-        self.register_buffer("pos", torch.full(slots, -1, dtype=torch.int32, device=device), persistent=False)
-        self.register_buffer("free", torch.zeros(slots[:3], dtype=torch.int64, device=device), persistent=False)
+        slots = (batch_size, n_heads, self.capacity)
+        self.pos = self._layer_buffers("pos", slots, -1, torch.int32, device)
+        self.free = self._layer_buffers("free", slots[:2], 0, torch.int64, device)
         if self.uses_scores:
-            self.register_buffer("scores", torch.zeros(slots, dtype=torch.float32, device=device),
-                                 persistent=False)
+            self.scores = self._layer_buffers("scores", slots, 0, torch.float32, device)
         self._mark_static()
 
     def eviction_key(self, scores: torch.Tensor | None, pos: torch.Tensor,
@@ -294,8 +367,9 @@ class EvictingCache(KVCache):
     def held_mask(self) -> torch.Tensor:
         """Which positions are held: bool [L, B, H, seen] (host sync; for tests and tools)."""
         n = int(self.seen.item())
-        mask = torch.zeros(*self.pos.shape[:3], n + 1, dtype=torch.bool, device=self.pos.device)
-        idx = torch.where(self.pos >= 0, self.pos.long(), n)  # empty slots go to the extra column
+        pos = self.pos.stacked()  # [L, B, H, S]
+        mask = torch.zeros(*pos.shape[:3], n + 1, dtype=torch.bool, device=pos.device)
+        idx = torch.where(pos >= 0, pos.long(), n)  # empty slots go to the extra column
         return mask.scatter_(-1, idx, True)[..., :n]
 
 
