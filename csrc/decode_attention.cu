@@ -42,7 +42,8 @@ namespace {
 
 constexpr int kTile = 32;             // tokens per pipeline stage; one lane per token in the softmax
 constexpr int kMaxSplits = 64;        // the combine kernel holds two splits per lane of one warp
-constexpr int kMinSplitTokens = 64;   // do not split S finer than this
+constexpr int kMinSplitTokens = 256;  // do not split S finer than this: below ~256 tokens a split
+                                      // saves less than the combine launch costs (H100, B=1)
 constexpr int kScoreChunk = 1024;     // tokens of `scores` per combine block
 constexpr int kCombineThreads = 256;
 constexpr int kGenericThreads = 256;  // block size of the runtime-VEC kernel
