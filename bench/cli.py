@@ -7,9 +7,20 @@
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 SUBCOMMANDS = ("kernels", "policies", "attention")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" except where there is no default or the help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from . import env, report
+from .cli import HelpFormatter
 
 M_VALUES = [1, 2, 4, 8, 16, 32, 128, 2048]
 QUICK_M = [1, 8, 16, 2048]
@@ -261,7 +262,7 @@ def bar_summary(rows: list[dict]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench kernels", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--dtype", choices=list(_DTYPES), default="float16", help="activation dtype")
     p.add_argument("--m", default=None, help=f"comma-separated M values (default {','.join(map(str, M_VALUES))})")
     p.add_argument("--shapes", default=None, help=f"comma-separated shapes: {', '.join(s.name for s in SHAPES)}")
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda (default) or cpu (a smoke test: no graphs, no meaning)")
     p.add_argument("--dry_run", action="store_true", help="list the cases and their byte counts, time nothing")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows and the header as JSON")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     return p
 
 

@@ -31,6 +31,7 @@ import torch
 from tabulate import tabulate
 
 from . import env, report
+from .cli import HelpFormatter
 from .data import SHARED, DataError, concat_sequences, document_sequences, load_corpus
 from .models import ModelLoadError, check_vocab, load_model
 
@@ -50,15 +51,15 @@ POLICY_FIELDS = ["policy", "kind", "budget", "heavy", "recent", "n_sink", "windo
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench policies", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model_path", default=str(DEFAULT_MODEL), help="HF id, local directory or random: preset")
     p.add_argument("--dataset", default=str(DEFAULT_DATASET),
                    help="'wikitext', a .raw/.txt/.jsonl/.jsonl.xz file or a directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or directory (for random presets)")
     p.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, metavar="POLICY",
                    help="policies: full | h2o:HEAVY,RECENT | sink:N_SINK,WINDOW | window:W")
-    p.add_argument("--prefill_len", type=int, default=128)
-    p.add_argument("--decode_len", type=int, default=2048)
+    p.add_argument("--prefill_len", type=int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--decode_len", type=int, default=2048, help="teacher-forced decode steps per sequence")
     p.add_argument("--n_seqs", type=int, default=4, help="sequences (documents) scored, run as one batch")
     p.add_argument("--protocol", choices=["auto", "docs", "concat"], default="auto",
                    help="auto: docs when the dataset holds >= n_seqs documents, else concat")
@@ -69,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_compile", action="store_true", help="run the decode steps eagerly on CUDA too")
     p.add_argument("--reference", action="store_true",
                    help="also run the fp32 oracle (model_patch.h2o_reference, CPU; slow) for every policy")
-    p.add_argument("--json", default=None, metavar="PATH")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the rows and the header as JSON")
+    p.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")
     return p
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import env, report
+from .cli import HelpFormatter
 from .data import DataError, concat_sequences, load_corpus
 from .models import ModelLoadError, check_vocab, load_model, looks_local
 
@@ -69,8 +70,11 @@ def _batch_list(text: str) -> list[int]:
 
 
 def parse_modes(text: str) -> list[str]:
-    """``fp16_full,hf_eager`` -> keys; ``default`` and ``all`` expand. Raises ValueError."""
+    """``fp16_full,hf_eager`` -> keys; ``default`` and ``all`` expand; a leading ``+`` adds to
+    the default modes (``+hf_eager`` = ``default,hf_eager``). Raises ValueError."""
     out: list[str] = []
+    if text.startswith("+"):
+        text = "default," + text[1:]
     for part in (p.strip() for p in text.split(",")):
         if part == "default":
             out += DEFAULT_MODES
@@ -90,21 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Teacher-forced decode study of Pythia: FP16 vs INT8 (W8A16) vs INT8 + H2O, "
                     "with HF eager / HF compiled peers. Sub-commands: kernels, policies, attention "
                     "(python -m bench SUBCOMMAND --help).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--model_path", default="EleutherAI/pythia-2.8b",
                    help="HF id, local checkpoint directory or random preset (random:pythia-2.8b). A Pythia "
                         "hub id that cannot be loaded falls back to the same-shaped random preset, loudly")
     p.add_argument("--ckpt_dir", default=None,
                    help="INT8 checkpoint directory: loaded when it holds one, else made from --model_path "
                         "and saved there. Unset: quantize in memory")
-    p.add_argument("--prefill_len", type=_positive_int, default=128)
-    p.add_argument("--decode_len", type=_positive_int, default=2048)
+    p.add_argument("--prefill_len", type=_positive_int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--decode_len", type=_positive_int, default=2048,
+                   help="teacher-forced decode steps per sequence (each scores the next true token)")
     p.add_argument("--window", type=_positive_int, default=252, help="H2O recent window")
     p.add_argument("--h2o_hh", type=_positive_int, default=252, help="H2O heavy hitters")
     p.add_argument("--kv", default=None,
                    help="KV policy of the int8_h2o mode: full | h2o:HEAVY,RECENT | sink:N,WINDOW | window:W "
                         "(default h2o:H2O_HH,WINDOW)")
-    p.add_argument("--batch_size", type=_batch_list, default=[1], help="batch size, or a list such as 1,16")
+    p.add_argument("--batch_size", type=_batch_list, default=[1], help="batch size, or a list such as 1,16 (default: 1)")
     p.add_argument("--dataset", default="wikitext",
                    help="'wikitext' (HF datasets, wikitext-2-raw-v1 test; local copy if offline), or a "
                         ".raw/.txt/.jsonl/.jsonl.xz file or a directory of them")
@@ -113,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(_DTYPES), default=None,
                    help="weights/activations dtype (default: float16 on CUDA, float32 on CPU)")
     p.add_argument("--modes", default="default",
-                   help=f"comma-separated: {', '.join(MODES)}; 'default' = {','.join(DEFAULT_MODES)}; 'all'")
+                   help=f"comma-separated: {', '.join(MODES)}; 'default' (the default) = {','.join(DEFAULT_MODES)}; "
+                        "'all' = all five; a leading '+' adds to the default ones (+hf_eager,hf_compile)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--warmup_steps", type=_positive_int, default=3,
                    help="decode steps of the compile/warm-up run (not timed as decode)")

@@ -53,6 +53,7 @@ def test_modes_parsing():
     assert study.parse_modes("default") == ["fp16_full", "int8_full", "int8_h2o"]
     assert study.parse_modes("default,hf_eager,hf_compile") == list(study.MODES)
     assert study.parse_modes("all") == list(study.MODES)
+    assert study.parse_modes("+hf_compile") == ["fp16_full", "int8_full", "int8_h2o", "hf_compile"]
     assert study.parse_modes("hf_eager,fp16_full,hf_eager") == ["hf_eager", "fp16_full"]
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
         study.parse_modes("fp16_full,fast")
