@@ -152,6 +152,22 @@ def test_compiled_equals_eager_and_compiles_once(eager_and_compiled):
     assert _compiled_entries(compiled) == 2
 
 
+def test_batch_one_strided_inputs_compile_once(make_neox):
+    # At batch 1, teacher_force and a caller's ids[:, j] feed [1] views with a stride of N,
+    # generate feeds stride-1 rows: the step must not recompile (nor fail) on either.
+    model = make_neox("d16")
+    eager = Decoder(model, batch_size=1, max_len=40, compile=False)
+    dec = Decoder(model, batch_size=1, max_len=40, compile=True)
+    ids = torch.randint(0, 256, (1, 30))
+    torch.testing.assert_close(dec.teacher_force(ids, 6), eager.teacher_force(ids, 6), rtol=0, atol=1e-5)
+    assert torch.equal(dec.generate(ids[:, :5], 10), eager.generate(ids[:, :5], 10))
+    dec.prefill(ids[:, :4])
+    eager.prefill(ids[:, :4])
+    for tokens in (ids[:, 4], torch.tensor([7]), ids[0, 5:6]):
+        assert torch.equal(dec.decode_step(tokens)[0], eager.decode_step(tokens)[0])
+    assert _compiled_entries(dec) == 2
+
+
 def test_two_decoders_compile_independently(eager_and_compiled):
     eager, compiled = eager_and_compiled
     other = Decoder(eager.model, batch_size=2, max_len=48, kv=eager.policy, compile=True)
@@ -188,8 +204,7 @@ def test_decode_step_replays_a_cuda_graph(kv, int8, cuda_neox):
     tokens = out[:, -1].clone()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            nxt, _ = dec.decode_step(tokens)
-            tokens = nxt.clone()
+            tokens, _ = dec.decode_step(tokens)  # a graph output fed straight back
         torch.cuda.synchronize()
     names = [e.name for e in prof.events()]
     launches = sum("GraphLaunch" in n for n in names)
