@@ -298,7 +298,8 @@ class Decoder:
         steps = N - prefill_len - 1
         feed = input_ids[:, prefill_len:].t().contiguous()  # [steps + 1, B]: row j is fed at step j
         logprobs = torch.empty(steps, self.batch_size, dtype=torch.float32, device=self.device)
-        predictions = torch.empty(steps, self.batch_size, dtype=torch.long, device=self.device)
+        predictions = (torch.empty(steps, self.batch_size, dtype=torch.long, device=self.device)
+                       if return_predictions else None)
         self.prefill(input_ids[:, :prefill_len])
         bar = None
         if progress is True:
@@ -307,7 +308,8 @@ class Decoder:
         for j in range(steps):
             next_tokens, lp = self.decode_step(feed[j], feed[j + 1])
             logprobs[j].copy_(lp)
-            predictions[j].copy_(next_tokens)
+            if predictions is not None:
+                predictions[j].copy_(next_tokens)
             if bar is not None:
                 bar.update(1)
             elif callable(progress):

@@ -97,3 +97,19 @@ def test_patch_attention_rejects_other_models():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="patch_attention: model must be a GPT-NeoX causal LM"):
         patch_attention(gpt2)
+
+
+def test_patched_model_still_compiles_fullgraph_with_hf_caches(make_neox):
+    # The HF peer (StaticCache + torch.compile) must keep working on a patched model:
+    # the drop-in forward may not break the graph. backend="eager": dynamo tracing only.
+    from transformers import StaticCache
+
+    model = patch_attention(make_neox())
+    ids = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        step = torch.compile(model, fullgraph=True, backend="eager")
+        first = step(ids[:, :5], past_key_values=cache, use_cache=True).logits
+        second = step(ids[:, 5:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(torch.cat([first, second], dim=1), ref, rtol=1e-5, atol=1e-5)
