@@ -264,3 +264,14 @@ def test_tiny_neox_batch_of_3_equals_rows_alone(tiny_model, book_ids):
         lp_b, held_b = run(ids[b:b + 1])
         torch.testing.assert_close(lp[b:b + 1], lp_b, rtol=1e-5, atol=1e-5)
         assert all(torch.equal(x[:, b:b + 1], y) for x, y in zip(held, held_b))
+
+
+@pytest.mark.parametrize("policy", ["h2o:64,64", "sink:4,124", "window:128"])
+def test_tiny_neox_budget_covering_the_sequence_equals_full(tiny_model, book_ids, policy):
+    model, _ = tiny_model
+    cfg = model.config
+    H_, D_ = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    ids = book_ids[:, :64]
+    caches = [make_cache(p, cfg.num_hidden_layers, 2, H_, D_, 64, torch.float32, "cpu") for p in (policy, "full")]
+    lp, full = (run_model(model, ids, 16, c) for c in caches)
+    torch.testing.assert_close(lp, full, rtol=1e-5, atol=1e-5)
