@@ -65,12 +65,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), S = k_cache.size(2);
   const at::Tensor qc = q.contiguous();
+  // length is often an expanded scalar ((seen + 1).expand(B), stride 0): the kernel
+  // reads length[b] densely, so it needs its own B ints.
+  const at::Tensor lc = length.contiguous();
   at::Tensor out = at::empty({B, H, D}, q.options());
   if (B == 0 || H == 0) return out;
   const size_t ws_bytes = w8a16_decode_attention_workspace_bytes((int)B, (int)H, (int)S, (int)D);
   at::Tensor ws = at::empty({(int64_t)std::max<size_t>(ws_bytes, 1)}, q.options().dtype(at::kByte));
   const cudaError_t err = w8a16_decode_attention(
-      qc.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), length.data_ptr<int>(),
+      qc.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), lc.data_ptr<int>(),
       scores.has_value() ? scores->data_ptr<float>() : nullptr, out.data_ptr(), ws.data_ptr(), (int)B, (int)H,
       (int)S, (int)D, (float)scale, dtype_code(q.scalar_type()), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "w8a16.decode_attention: kernel launch failed: ", cudaGetErrorString(err));
