@@ -4,7 +4,7 @@ Every runner does the same work on the same tokens. ``seqs`` is int64 [B, P + D 
 the prefill consumes tokens ``[0, P)``, then decode step ``i`` (``0 <= i < D``) feeds
 the true token ``P + i`` and scores the true token ``P + i + 1``. The perplexity is
 taken over those ``B x D`` decode-step predictions, pooled (``exp`` of the mean NLL),
-the protocol of ``model_patch.h2o_quality``; the prefill's own prediction of token
+the protocol of ``bench.h2o_quality``; the prefill's own prediction of token
 ``P`` is not counted.
 
 Timing (``run_teacher_forced``):

@@ -22,7 +22,7 @@ itself, its probabilities are added to the scores, then, if ``budget + 1``
 tokens are held, one is evicted (the ``recent`` newest, which include the new
 token, are protected). ``evict_first=True`` gives the other reading (evict down
 to ``budget - 1`` old tokens before the new one arrives, so it sees ``budget``
-tokens in all); ``model_patch.h2o_quality`` measured both and the default is the
+tokens in all); ``bench.h2o_quality`` measured both and the default is the
 one that reproduces the issue's table (see docs/h2o.md).
 
 This module keeps every key and value ever seen and a ``held`` mask, so it

@@ -1,8 +1,8 @@
 """Perplexity of the KV-cache policies on tiny-neox-a with the fp32 oracle (issue 4's quality table).
 
-    python -m model_patch.h2o_quality            # the table (about 7 minutes on one CPU core)
-    python -m model_patch.h2o_quality --study    # every reading of the ambiguous points below
-    python -m model_patch.h2o_quality --fast     # also run the kv_cache policies (fp32) through the same loop
+    python -m bench.h2o_quality            # the table (about 7 minutes on one CPU core)
+    python -m bench.h2o_quality --study    # every reading of the ambiguous points below
+    python -m bench.h2o_quality --fast     # also run the kv_cache policies (fp32) through the same loop
 
 Setup (from the issue): the first 4 Gutenberg validation books in file order,
 characters ``text[10000:400000]`` of each, tokenized without special tokens,
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import math
 import os
 import time
@@ -36,8 +35,10 @@ from pathlib import Path
 
 import torch
 
-from .h2o_reference import ReferenceCache, run_model
-from .policies import make_cache, parse_policy
+from model_patch.h2o_reference import ReferenceCache, run_model
+from model_patch.policies import make_cache, parse_policy
+
+from . import data
 
 SHARED = Path(os.environ.get("W8A16_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 MODEL = SHARED / "models" / "tiny-neox-a"
@@ -55,24 +56,6 @@ TABLE = [
 ]
 ISSUE_FULL_PPL = 31.16
 TOLERANCE_PP = 0.3
-
-
-def load_books(path: Path, tokenizer, n_books: int = 4, n_tokens: int = 2177,
-               chars: tuple[int, int] = (10_000, 400_000)) -> torch.Tensor:
-    """The first ``n_books`` books of a JSON-lines .xz file -> int64 [n_books, n_tokens]."""
-    rows = []
-    with lzma.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if len(rows) == n_books:
-                break
-            text = json.loads(line)["text"][chars[0]:chars[1]]
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) < n_tokens:
-                raise ValueError(f"{path}: book {len(rows)} has only {len(ids)} tokens, need {n_tokens}")
-            rows.append(ids[:n_tokens])
-    if len(rows) < n_books:
-        raise ValueError(f"{path}: found {len(rows)} books, need {n_books}")
-    return torch.tensor(rows, dtype=torch.int64)
 
 
 def perplexity(logprobs: torch.Tensor, tokens: str = "decode", aggregate: str = "pooled") -> float:
@@ -111,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    ids = load_books(Path(args.data), tok, args.books, args.prefill + args.decode + 1)
+    ids = data.document_sequences(tok, data.load_corpus(args.data), args.books,
+                                  args.prefill + args.decode + 1)  # 10000:400000, the issue's slice
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     head_dim = model.config.hidden_size // n_heads
     rows = [(str(parse_policy(p)), str(parse_policy(p)), None) for p in args.policies] if args.policies else TABLE
