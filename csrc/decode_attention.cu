@@ -29,11 +29,14 @@
 //   (NS = 1) or by the combine kernel. That costs 8 extra bytes per token, against 4*D of K+V.
 // * Alignment: q, k, v and out are normally 16-byte aligned (D % 8 == 0); views with an odd
 //   storage offset fall back to a synchronous, element-wise variant of the generic kernel.
+#include "decode_attention.h"
+
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -51,10 +54,10 @@ constexpr int kMaxDevices = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct Params {
-  const void* q;          // [B*H, D]
-  const void* k;          // [B*H, S, D]
-  const void* v;          // [B*H, S, D]
-  const int* length;      // [B]
+  const void* q;          // [B, H, D], strides (q_sb, q_sh, 1) in elements
+  void* k;                // [B*H, S, D]
+  void* v;                // [B*H, S, D]
+  const int* length;      // [B] (unused when `seen` is set)
   float* scores;          // [B*H, S] or nullptr
   void* out;              // [B*H, D]
   float* logits;          // workspace [B*H, S]: logits * scale * log2(e) (only with scores)
@@ -62,6 +65,18 @@ struct Params {
   float* part_ml;         // workspace [B*H, NS, 2]: partial (max, sum) (NS > 1)
   int H, S, D, vec, splits;
   float qscale;           // scale * log2(e): softmax in base 2
+  long long q_sb, q_sh;
+  // Fused cache step (W8A16CacheStep), all nullptr for plain attention.
+  const void* k_new;      // [B, H, D] strided: written into the cache before attending
+  const void* v_new;
+  long long kn_sb, kn_sh, vn_sb, vn_sh;
+  const int64_t* seen;    // [1]: new token's position; length = min(seen + 1, S)
+  const void* rot_cos;    // [rot_dim] rotary cos / sin of the new token, or nullptr
+  const void* rot_sin;
+  int rot_dim;            // rotary dims at the start of each head (even, <= D); 0 = none
+  int* pos;               // [B*H, S] (evicting policies)
+  int64_t* free_slot;     // [B*H]: slot of the new token (evicting); `full` uses slot = seen
+  int budget, n_sink, recent;
 };
 
 // ---------------------------------------------------------------------------------------
@@ -76,6 +91,8 @@ template <> struct Elem<__half> {
     return __half22float2(__half2(r));
   }
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float to_f(uint16_t u) { return __half2float(__ushort_as_half(u)); }
+  static __device__ __forceinline__ uint16_t bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
 };
 template <> struct Elem<__nv_bfloat16> {
   static __device__ __forceinline__ float2 pair(uint32_t w) {
@@ -83,6 +100,10 @@ template <> struct Elem<__nv_bfloat16> {
   }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) {
     return __float2bfloat16_rn(x);
+  }
+  static __device__ __forceinline__ float to_f(uint16_t u) { return __uint_as_float(uint32_t(u) << 16); }
+  static __device__ __forceinline__ uint16_t bits(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
   }
 };
 
@@ -151,8 +172,105 @@ __device__ __forceinline__ int split_chunk(int len, int splits) {
 }
 
 __device__ __forceinline__ int clamp_length(const Params& p, int b) {
+  if (p.seen != nullptr) {  // a cache step: every row holds min(seen + 1, S) tokens
+    const long long n = p.seen[0] + 1;
+    return n < 1 ? 0 : (n > p.S ? p.S : (int)n);
+  }
   // The contract is 1 <= length <= S; clamp so that a bad value can never read out of bounds.
   return min(max(p.length[b], 0), p.S);
+}
+
+// ---------------------------------------------------------------------------------------
+// Eviction (fused cache step of the evicting policies): every thread folds its slots into a
+// candidate, then the block reduces. The victim is the evictable slot with the smallest key,
+// ties to the oldest position; `slot < 0` means "no candidate".
+struct Cand {
+  float key;
+  int pos;
+  int slot;
+};
+
+__device__ __forceinline__ Cand no_cand() { return Cand{INFINITY, INT_MAX, -1}; }
+
+__device__ __forceinline__ bool goes_first(const Cand& a, const Cand& b) {
+  if (a.slot < 0) return false;
+  if (b.slot < 0) return true;
+  return a.key < b.key || (a.key == b.key && a.pos < b.pos);
+}
+
+__device__ __forceinline__ void consider(const Params& p, long long newest, int s, int ps, float key, Cand& c) {
+  const bool evictable = ps >= 0 && ps >= p.n_sink && (long long)ps <= newest - p.recent;
+  const Cand d{key, ps, s};
+  if (evictable && goes_first(d, c)) c = d;
+}
+
+__device__ __forceinline__ Cand warp_first(Cand c) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const Cand d{__shfl_xor_sync(0xffffffffu, c.key, o), __shfl_xor_sync(0xffffffffu, c.pos, o),
+                 __shfl_xor_sync(0xffffffffu, c.slot, o)};
+    if (goes_first(d, c)) c = d;
+  }
+  return c;
+}
+
+// Slots first, first + stride, ... < end of row bh: scores[s] += 2^(logit - M) * inv_l (with scores)
+// and, for an evicting step, this thread's best victim candidate among them. The loads of four
+// slots are issued together (the stores to `scores` would otherwise serialise them).
+__device__ __forceinline__ Cand update_scores_and_pick(const Params& p, int bh, int first, int end, int stride,
+                                                       const float* logits_row, float M, float inv_l,
+                                                       long long newest) {
+  float* sc = p.scores + (size_t)bh * p.S;
+  const int* ps = p.pos + (size_t)bh * p.S;
+  const bool scored = p.scores != nullptr, evict = p.free_slot != nullptr;
+  Cand c = no_cand();
+  for (int base = first; base < end; base += 4 * stride) {
+    float old[4], lg[4];
+    int pv[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int s = base + u * stride;
+      const bool in = s < end;
+      old[u] = scored && in ? sc[s] : 0.f;
+      lg[u] = scored && in ? logits_row[s] : 0.f;
+      pv[u] = evict && in ? ps[s] : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int s = base + u * stride;
+      if (s < end) {
+        float key = (float)pv[u];
+        if (scored) {
+          key = old[u] + exp2f(lg[u] - M) * inv_l;
+          sc[s] = key;
+        }
+        if (evict) consider(p, newest, s, pv[u], key, c);
+      }
+    }
+  }
+  return c;
+}
+
+// Block-wide: picks the victim among the candidates and updates pos / free_slot of row bh.
+// Called by every thread of the block (blockDim.x a multiple of 32, at most 1024).
+__device__ void finish_eviction(const Params& p, int bh, int len, long long newest, Cand c) {
+  __shared__ Cand s_cand[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  c = warp_first(c);
+  if (lane == 0) s_cand[warp] = c;
+  __syncthreads();
+  if (warp == 0) {
+    c = warp_first(lane < nwarps ? s_cand[lane] : no_cand());
+    if (lane == 0) {
+      if (newest >= p.budget) {  // budget + 1 tokens held: free the victim for the next token
+        const int victim = c.slot >= 0 ? c.slot : 0;
+        p.pos[(size_t)bh * p.S + victim] = -1;
+        p.free_slot[bh] = victim;
+      } else {
+        p.free_slot[bh] = len;  // the next unused slot
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -191,6 +309,7 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
   const int bh = blockIdx.x / p.splits;
   const int split = blockIdx.x - bh * p.splits;
   const int b = bh / p.H;
+  const int h = bh - b * p.H;
   const int len = clamp_length(p, b);
   const int chunk = split_chunk(len, p.splits);
   const int s0 = split * chunk;
@@ -207,23 +326,31 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
   uint4* s_kv = reinterpret_cast<uint4*>(smem_raw);                   // [STAGES][2][kTile*vec]
   float* s_red = reinterpret_cast<float*>(s_kv + STAGES * 2 * kTile * vec);  // [kTile][rs]
   float* s_fin = reinterpret_cast<float*>(smem_raw);  // [toks][D], reuses the stages at the end
+  uint16_t* s_knew = reinterpret_cast<uint16_t*>(s_red + kTile * rs);  // [D]: the new token's key
 
   const uint16_t* kg = static_cast<const uint16_t*>(p.k) + (size_t)bh * p.S * D;
   const uint16_t* vg = static_cast<const uint16_t*>(p.v) + (size_t)bh * p.S * D;
+  const long long newest = p.seen != nullptr ? p.seen[0] : 0;
 
-  float qf[8];
-  {
-    const uint4 u = load8<ALIGNED>(static_cast<const uint16_t*>(p.q) + (size_t)bh * D + part * 8);
-    unpack8<T>(u, qf);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) qf[i] *= p.qscale;
+  // Cache step. Every block applies the rotary embedding (if given) to q; the block whose share
+  // holds the new token's slot also rotates k_new and writes the token into the cache (K, V, pos
+  // and a zero score). No other block reads that slot, and this block takes the token's K from
+  // shared memory and its V from v_new rather than from the cache, so the stores need no fence.
+  // The first tiles are requested before q and k_new are prepared, to overlap the two latencies.
+  int new_slot = -1;  // the new token's slot if this block holds it, else -1
+  const uint16_t* vn = nullptr;
+  if (p.k_new != nullptr) {
+    const long long slot = p.free_slot != nullptr ? p.free_slot[bh] : newest;
+    if (slot >= s0 && slot < s1) new_slot = (int)slot;
+    vn = static_cast<const uint16_t*>(p.v_new) + b * p.vn_sb + h * p.vn_sh;
   }
 
   const int ntiles = (s1 - s0 + kTile - 1) / kTile;
   // Tile j = tokens [s0 + 32 j, min(s0 + 32 j + 32, s1)); K and V of those tokens are
   // contiguous in memory, n * vec 16-byte vectors each. Vectors past n are not copied
-  // (and never used: the softmax masks those tokens, the P.V loop skips them).
-  auto load_tile = [&](int j, int stage) {
+  // (and never used: the softmax masks those tokens, the P.V loop skips them). The new token's
+  // K comes from s_knew; tiles requested before s_knew is ready get it written afterwards.
+  auto load_tile = [&](int j, int stage, bool knew_ready) {
     const int t0 = s0 + j * kTile;
     const int nv = min(kTile, s1 - t0) * vec;
     uint4* sk = s_kv + stage * 2 * kTile * vec;
@@ -234,12 +361,16 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
     for (int r = 0; r < kCopyRounds; ++r) {
       const int i = tid + r * NT;
       if (i < nv) {
+        const int tok = i / vec, piece = i - tok * vec;
+        const bool fresh = t0 + tok == new_slot;
+        const uint16_t* vs = fresh ? vn + piece * 8 : vt + i * 8;
+        if (fresh && knew_ready) sk[i] = reinterpret_cast<const uint4*>(s_knew)[piece];
         if constexpr (ALIGNED) {
-          cp_async16(sk + i, kt + i * 8);
-          cp_async16(sv + i, vt + i * 8);
+          if (!fresh) cp_async16(sk + i, kt + i * 8);
+          cp_async16(sv + i, vs);
         } else {
-          sk[i] = load8<false>(kt + i * 8);
-          sv[i] = load8<false>(vt + i * 8);
+          if (!fresh) sk[i] = load8<false>(kt + i * 8);
+          sv[i] = load8<false>(vs);
         }
       }
     }
@@ -247,8 +378,60 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
 
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
-    if (st < ntiles) load_tile(st, st);
+    if (st < ntiles) load_tile(st, st, false);
     cp_async_commit();
+  }
+
+  float qf[8];
+  if (p.k_new == nullptr) {
+    const uint4 u = load8<ALIGNED>(static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh + part * 8);
+    unpack8<T>(u, qf);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) qf[i] *= p.qscale;
+  } else {
+    const bool owner = new_slot >= 0;
+    const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
+    const uint16_t* kn = static_cast<const uint16_t*>(p.k_new) + b * p.kn_sb + h * p.kn_sh;
+    uint16_t* kd = static_cast<uint16_t*>(p.k) + ((size_t)bh * p.S + (owner ? new_slot : 0)) * D;
+    uint16_t* vd = static_cast<uint16_t*>(p.v) + ((size_t)bh * p.S + (owner ? new_slot : 0)) * D;
+    const uint16_t* cs = static_cast<const uint16_t*>(p.rot_cos);
+    const uint16_t* sn = static_cast<const uint16_t*>(p.rot_sin);
+    const int R = p.rot_dim, R2 = p.rot_dim / 2;
+    float* s_q = s_red;  // [D], free until the first tile
+    for (int d = tid; d < D; d += NT) {
+      float qv = Elem<T>::to_f(qg[d]);
+      float kv = owner ? Elem<T>::to_f(kn[d]) : 0.f;
+      if (d < R) {  // x * cos + rotate_half(x) * sin, in fp32, rounded once (as inductor does)
+        const int pd = d < R2 ? d + R2 : d - R2;
+        const float sg = d < R2 ? -1.f : 1.f;
+        const float c = Elem<T>::to_f(cs[d]), si = Elem<T>::to_f(sn[d]);
+        qv = Elem<T>::to_f(Elem<T>::bits(qv * c + sg * Elem<T>::to_f(qg[pd]) * si));
+        if (owner) kv = kv * c + sg * Elem<T>::to_f(kn[pd]) * si;
+      }
+      s_q[d] = qv;
+      if (owner) {
+        const uint16_t kb = Elem<T>::bits(kv);
+        s_knew[d] = kb;
+        kd[d] = kb;
+        vd[d] = vn[d];
+      }
+    }
+    // Read by other threads of this block (eviction, scores) only after later barriers.
+    if (owner && tid == 0) {
+      if (p.pos != nullptr) p.pos[(size_t)bh * p.S + new_slot] = (int)newest;
+      if (p.scores != nullptr) p.scores[(size_t)bh * p.S + new_slot] = 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 8; ++i) qf[i] = s_q[part * 8 + i] * p.qscale;
+    // s_q (s_red) is next written after the barrier at the top of the first tile.
+    if (owner) {  // the new token's K in a tile requested above: write it now
+      const int j_new = (new_slot - s0) / kTile;
+      if (j_new < STAGES - 1) {
+        uint4* sk = s_kv + j_new * 2 * kTile * vec + (new_slot - s0 - j_new * kTile) * vec;
+        for (int piece = tid; piece < vec; piece += NT) sk[piece] = reinterpret_cast<const uint4*>(s_knew)[piece];
+      }
+    }
   }
 
   float acc[8];
@@ -261,7 +444,7 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
   for (int j = 0; j < ntiles; ++j) {
     cp_async_wait<STAGES - 2>();  // this thread's copies of tile j have landed
     __syncthreads();              // everyone's have; and everyone is done with tile j - 1
-    if (j + STAGES - 1 < ntiles) load_tile(j + STAGES - 1, (j + STAGES - 1) % STAGES);
+    if (j + STAGES - 1 < ntiles) load_tile(j + STAGES - 1, (j + STAGES - 1) % STAGES, true);
     cp_async_commit();
 
     const uint4* sk = s_kv + (j % STAGES) * 2 * kTile * vec;
@@ -344,9 +527,10 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
       for (int t = 0; t < toks; ++t) a += s_fin[t * D + d];
       out[d] = Elem<T>::from_float(a * inv_l);
     }
-    if (p.scores != nullptr) {
-      float* sc = p.scores + (size_t)bh * p.S;
-      for (int s = s0 + tid; s < s1; s += NT) sc[s] += exp2f(logits_row[s] - m) * inv_l;
+    if (p.scores != nullptr || p.free_slot != nullptr) {
+      // s0 = 0 and s1 = len here. Evicting policies fold the updated keys into the victim search.
+      const Cand c = update_scores_and_pick(p, bh, s0 + tid, s1, NT, logits_row, m, inv_l, newest);
+      if (p.free_slot != nullptr) finish_eviction(p, bh, len, newest, c);
     }
   } else {
     const size_t slot = (size_t)bh * p.splits + split;
@@ -407,13 +591,14 @@ __global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kern
       out[d] = Elem<T>::from_float(a);
     }
   }
-  if (p.scores != nullptr) {
-    const float M = s_stat[0], inv_l = s_stat[1];
-    const float* lg = p.logits + (size_t)bh * p.S;
-    float* sc = p.scores + (size_t)bh * p.S;
-    const int end = min(len, (int)(blockIdx.y + 1) * kScoreChunk);
-    for (int s = blockIdx.y * kScoreChunk + tid; s < end; s += kCombineThreads)
-      sc[s] += exp2f(lg[s] - M) * inv_l;
+  if (p.scores != nullptr || p.free_slot != nullptr) {
+    // An evicting step runs with one block per (b, h) (gridDim.y == 1) that sees every slot.
+    const long long newest = p.seen != nullptr ? p.seen[0] : 0;
+    const int chunk = p.free_slot != nullptr ? len : kScoreChunk;
+    const int end = min(len, (int)(blockIdx.y + 1) * chunk);
+    const Cand c = update_scores_and_pick(p, bh, blockIdx.y * chunk + tid, end, kCombineThreads,
+                                          p.logits + (size_t)bh * p.S, s_stat[0], s_stat[1], newest);
+    if (p.free_slot != nullptr) finish_eviction(p, bh, len, newest, c);
   }
 }
 
@@ -444,7 +629,7 @@ template <typename T, int VEC, int NT, int STAGES, bool ALIGNED>
 struct SplitConfig {
   static auto kernel() { return decode_attention_split_kernel<T, VEC, NT, STAGES, ALIGNED>; }
   static size_t smem_bytes(int vec) {
-    return (size_t)STAGES * 2 * kTile * vec * 16 + (size_t)kTile * (vec | 1) * 4;
+    return (size_t)STAGES * 2 * kTile * vec * 16 + (size_t)kTile * (vec | 1) * 4 + (size_t)vec * 16;
   }
   // Allow more than 48 KB of dynamic shared memory (once per device), then report how many
   // blocks fit on one multiprocessor for this vec.
@@ -537,7 +722,8 @@ cudaError_t launch_typed(Params p, int B, int H, bool aligned, cudaStream_t stre
     return decltype(cfg)::launch(p, pairs * p.splits, stream);
   });
   if (err != cudaSuccess || p.splits == 1) return err;
-  const unsigned ny = p.scores != nullptr ? (unsigned)((p.S + kScoreChunk - 1) / kScoreChunk) : 1u;
+  const unsigned ny = p.scores != nullptr && p.free_slot == nullptr
+                         ? (unsigned)((p.S + kScoreChunk - 1) / kScoreChunk) : 1u;
   decode_attention_combine_kernel<T><<<dim3((unsigned)pairs, ny), kCombineThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
@@ -552,15 +738,19 @@ size_t w8a16_decode_attention_workspace_bytes(int B, int H, int S, int D) {
   return workspace_layout(B, H, S, D, splits).total;
 }
 
-// q: [B,H,D]; k,v: [B,H,S,D]; length: [B] int32 (device); scores: [B,H,S] fp32 or nullptr; out: [B,H,D].
-// dtype_code: 0 = float16, 1 = bfloat16. Returns cudaSuccess or the launch error.
-cudaError_t w8a16_decode_attention(const void* q, const void* k, const void* v, const int* length,
-                                   float* scores, void* out, void* workspace,
-                                   int B, int H, int S, int D, float scale, int dtype_code,
+// See decode_attention.h.
+cudaError_t w8a16_decode_attention(const void* q, long long q_sb, long long q_sh, void* k, void* v,
+                                   const int* length, float* scores, void* out, void* workspace, int B, int H,
+                                   int S, int D, float scale, int dtype_code, const W8A16CacheStep* step,
                                    cudaStream_t stream) {
   if (B < 0 || H < 0 || S < 0 || D <= 0 || D % 8 != 0 || D > 256) return cudaErrorInvalidValue;
   if (dtype_code != 0 && dtype_code != 1) return cudaErrorInvalidValue;
   if (B == 0 || H == 0) return cudaSuccess;
+  if (step != nullptr && (S == 0 || step->seen == nullptr || step->k_new == nullptr || step->v_new == nullptr ||
+                          (step->free_slot == nullptr) != (step->pos == nullptr) ||
+                          (step->rot_cos == nullptr) != (step->rot_sin == nullptr) ||
+                          (step->rot_cos != nullptr && (step->rot_dim < 0 || step->rot_dim > D || step->rot_dim % 2))))
+    return cudaErrorInvalidValue;
   if (S == 0) scores = nullptr;  // nothing to attend to: out = 0 (length is clamped to S)
   int splits = 1;
   if (S > 0) {
@@ -571,7 +761,11 @@ cudaError_t w8a16_decode_attention(const void* q, const void* k, const void* v, 
   if ((scores != nullptr || splits > 1) && workspace == nullptr) return cudaErrorInvalidValue;
 
   const auto addr = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); };
-  const bool aligned = ((addr(q) | addr(k) | addr(v) | addr(out)) & 15u) == 0;
+  uintptr_t align_bits = addr(q) | addr(k) | addr(v) | addr(out) | (uintptr_t)(q_sb * 2) | (uintptr_t)(q_sh * 2);
+  if (step != nullptr)
+    align_bits |= addr(step->k_new) | addr(step->v_new) | (uintptr_t)(step->kn_sb * 2) |
+                  (uintptr_t)(step->kn_sh * 2) | (uintptr_t)(step->vn_sb * 2) | (uintptr_t)(step->vn_sh * 2);
+  const bool aligned = (align_bits & 15u) == 0;
   unsigned char* w = static_cast<unsigned char*>(workspace);
   Params p;
   p.q = q;
@@ -589,6 +783,25 @@ cudaError_t w8a16_decode_attention(const void* q, const void* k, const void* v, 
   p.vec = D / 8;
   p.splits = splits;
   p.qscale = scale * kLog2e;
+  p.q_sb = q_sb;
+  p.q_sh = q_sh;
+  const W8A16CacheStep none;
+  const W8A16CacheStep& st = step != nullptr ? *step : none;
+  p.k_new = st.k_new;
+  p.v_new = st.v_new;
+  p.kn_sb = st.kn_sb;
+  p.kn_sh = st.kn_sh;
+  p.vn_sb = st.vn_sb;
+  p.vn_sh = st.vn_sh;
+  p.seen = st.seen;
+  p.rot_cos = st.rot_cos;
+  p.rot_sin = st.rot_sin;
+  p.rot_dim = st.rot_cos != nullptr ? st.rot_dim : 0;
+  p.pos = st.pos;
+  p.free_slot = st.free_slot;
+  p.budget = st.budget;
+  p.n_sink = st.n_sink;
+  p.recent = st.recent;
   if (dtype_code == 0) return launch_typed<__half>(p, B, H, aligned, stream);
   return launch_typed<__nv_bfloat16>(p, B, H, aligned, stream);
 }

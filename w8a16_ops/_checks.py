@@ -83,16 +83,17 @@ def check_linear(op: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.T
             _fail(op, f"K must be a multiple of 16 on CUDA, got K={K}")
 
 
-def check_decode_attention(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           length: torch.Tensor, scores: torch.Tensor | None) -> None:
-    """Validate the arguments of w8a16.decode_attention."""
-    _check_devices(op, [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("length", length),
-                        ("scores", scores)])
+def _check_query(op: str, q: torch.Tensor) -> tuple[int, int, int]:
     allowed, allowed_txt = _act_dtypes(q.device)
     if q.dtype not in allowed:
         _fail(op, f"q must be {allowed_txt}, got {dtype_name(q.dtype)}")
     if q.dim() != 3:
         _fail(op, f"q must have shape [B, H, D], got {_desc(q)}")
+    return tuple(q.shape)
+
+
+def _check_caches(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """k_cache, v_cache: contiguous [B, H, S, D] in q's dtype. Returns S."""
     B, H, D = q.shape
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != q.dtype or t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
@@ -102,6 +103,16 @@ def check_decode_attention(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     S = k_cache.shape[2]
     if v_cache.shape[2] != S:
         _fail(op, f"v_cache must have S={S} slots like k_cache, got {_desc(v_cache)}")
+    return S
+
+
+def check_decode_attention(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           length: torch.Tensor, scores: torch.Tensor | None) -> None:
+    """Validate the arguments of w8a16.decode_attention."""
+    _check_devices(op, [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("length", length),
+                        ("scores", scores)])
+    B, H, D = _check_query(op, q)
+    S = _check_caches(op, q, k_cache, v_cache)
     if length.dtype != torch.int32 or length.dim() != 1 or length.shape[0] != B:
         _fail(op, f"length must be int32 of shape [{B}], got {_desc(length)}")
     if scores is not None:
@@ -109,6 +120,56 @@ def check_decode_attention(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_ca
             _fail(op, f"scores must be float32 of shape [{B}, {H}, {S}], got {_desc(scores)}")
         if not scores.is_contiguous():
             _fail(op, f"scores must be contiguous, got strides {list(scores.stride())}")
+    if q.device.type == "cuda":
+        _check_capability(op, q.device)
+        if D % 8 != 0 or D > 256:
+            _fail(op, f"head_dim D must be a multiple of 8 and at most 256 on CUDA, got D={D}")
+
+
+def check_cache_attention(op: str, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, seen: torch.Tensor,
+                          evict: tuple | None = None, cos: torch.Tensor | None = None,
+                          sin: torch.Tensor | None = None) -> None:
+    """Validate the arguments of w8a16.cache_attention_full / cache_attention_evict.
+
+    ``evict`` is ``(pos, free, scores, budget, n_sink, recent)`` for the evicting op.
+    """
+    pos, free, scores = evict[:3] if evict is not None else (None, None, None)
+    _check_devices(op, [("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache),
+                        ("v_cache", v_cache), ("seen", seen), ("pos", pos), ("free", free),
+                        ("scores", scores), ("cos", cos), ("sin", sin)])
+    B, H, D = _check_query(op, q)
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if t.dtype != q.dtype or list(t.shape) != [B, H, D]:
+            _fail(op, f"{name} must be {dtype_name(q.dtype)} of shape [{B}, {H}, {D}], got {_desc(t)}")
+    S = _check_caches(op, q, k_cache, v_cache)
+    if S < 1:
+        _fail(op, f"the cache must have at least one slot, got S={S}")
+    if seen.dtype != torch.int64 or seen.numel() != 1 or seen.dim() != 1:
+        _fail(op, f"seen must be int64 of shape [1], got {_desc(seen)}")
+    if (cos is None) != (sin is None):
+        _fail(op, "cos and sin must be given together (rotary) or both be None")
+    if cos is not None:
+        R = cos.shape[0] if cos.dim() == 1 else -1
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t.dtype != q.dtype or t.dim() != 1 or t.shape[0] != R or R % 2 or R > D or not t.is_contiguous():
+                _fail(op, f"{name} must be a contiguous {dtype_name(q.dtype)} vector [R] with R even and "
+                          f"R <= D={D} (and cos, sin of one length), got {_desc(t)}")
+    if evict is not None:
+        budget, n_sink, recent = evict[3:]
+        if pos.dtype != torch.int32 or list(pos.shape) != [B, H, S] or not pos.is_contiguous():
+            _fail(op, f"pos must be contiguous int32 of shape [{B}, {H}, {S}], got {_desc(pos)}")
+        if free.dtype != torch.int64 or list(free.shape) != [B, H] or not free.is_contiguous():
+            _fail(op, f"free must be contiguous int64 of shape [{B}, {H}], got {_desc(free)}")
+        if scores is not None and (scores.dtype != torch.float32 or list(scores.shape) != [B, H, S]
+                                   or not scores.is_contiguous()):
+            _fail(op, f"scores must be contiguous float32 of shape [{B}, {H}, {S}], got {_desc(scores)}")
+        if budget < 1 or n_sink < 0 or recent < 0:
+            _fail(op, f"need budget >= 1, n_sink >= 0 and recent >= 0, got budget={budget}, "
+                      f"n_sink={n_sink}, recent={recent}")
+        if n_sink + recent > budget:
+            _fail(op, f"n_sink + recent must not exceed budget (nothing could be evicted), got "
+                      f"n_sink={n_sink}, recent={recent}, budget={budget}")
     if q.device.type == "cuda":
         _check_capability(op, q.device)
         if D % 8 != 0 or D > 256:

@@ -12,7 +12,7 @@ import torch
 
 from . import reference
 from ._build import load_extension
-from ._checks import check_decode_attention, check_linear
+from ._checks import check_cache_attention, check_decode_attention, check_linear
 
 _lib = torch.library.Library("w8a16", "DEF")  # noqa: TOR901 - kept alive for the process
 _lib.define("linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias=None) -> Tensor")
@@ -97,3 +97,87 @@ for _name in ("_decode_attention", "_decode_attention_scored"):
     torch.library.impl(f"w8a16::{_name}", "CPU", lib=_lib)(_da_cpu)
     torch.library.impl(f"w8a16::{_name}", "CUDA", lib=_lib)(_da_cuda)
     torch.library.register_fake(f"w8a16::{_name}", lib=_lib)(_da_fake)
+
+
+# Fused decode steps of the KV-cache policies: write the new token into the cache,
+# attend, and (evicting policies) pick and free the victim -- one op, so one kernel
+# launch (two when S is split) per layer instead of a dozen small ones. Same
+# composite pattern as decode_attention for the optional, mutated `scores`.
+_lib.define(
+    "cache_attention_full(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+    "Tensor seen, float scale, Tensor? cos=None, Tensor? sin=None) -> Tensor"
+)
+_EVICT_ARGS = ("Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) pos, "
+               "Tensor(d!) free, Tensor seen, float scale, int budget, int n_sink, int recent")
+_ROT = "Tensor? cos=None, Tensor? sin=None"
+_lib.define(f"cache_attention_evict({_EVICT_ARGS}, Tensor(e!)? scores=None, {_ROT}) -> Tensor")
+_lib.define(f"_cache_attention_evict({_EVICT_ARGS}, {_ROT}) -> Tensor")
+_lib.define(f"_cache_attention_evict_scored({_EVICT_ARGS}, Tensor(e!) scores, {_ROT}) -> Tensor")
+_CF = "w8a16.cache_attention_full"
+_CE = "w8a16.cache_attention_evict"
+
+
+@torch.library.impl("w8a16::cache_attention_evict", "CompositeImplicitAutograd", lib=_lib)
+def _cache_attention_evict(q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent,
+                           scores=None, cos=None, sin=None):
+    args = (q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent)
+    if scores is None:
+        return torch.ops.w8a16._cache_attention_evict(*args, cos, sin)
+    return torch.ops.w8a16._cache_attention_evict_scored(*args, scores, cos, sin)
+
+
+def _cf_cpu(q, k_new, v_new, k_cache, v_cache, seen, scale, cos=None, sin=None):
+    check_cache_attention(_CF, q, k_new, v_new, k_cache, v_cache, seen, None, cos, sin)
+    return reference.cache_attention_full(q, k_new, v_new, k_cache, v_cache, seen, scale, cos, sin)
+
+
+def _cf_cuda(q, k_new, v_new, k_cache, v_cache, seen, scale, cos=None, sin=None):
+    check_cache_attention(_CF, q, k_new, v_new, k_cache, v_cache, seen, None, cos, sin)
+    _require_kernels(_CF)
+    return torch.ops.w8a16_cuda.cache_attention(q, k_new, v_new, k_cache, v_cache, seen, scale,
+                                                None, None, None, 0, 0, 0, cos, sin)
+
+
+def _cf_fake(q, k_new, v_new, k_cache, v_cache, seen, scale, cos=None, sin=None):
+    check_cache_attention(_CF, q, k_new, v_new, k_cache, v_cache, seen, None, cos, sin)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+torch.library.impl("w8a16::cache_attention_full", "CPU", lib=_lib)(_cf_cpu)
+torch.library.impl("w8a16::cache_attention_full", "CUDA", lib=_lib)(_cf_cuda)
+torch.library.register_fake("w8a16::cache_attention_full", lib=_lib)(_cf_fake)
+
+
+def _evict_run(kind, q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent, scores,
+               cos, sin):
+    # kind: "cpu", "cuda" or "fake"
+    check_cache_attention(_CE, q, k_new, v_new, k_cache, v_cache, seen, (pos, free, scores, budget, n_sink, recent),
+                          cos, sin)
+    if kind == "fake":
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+    if kind == "cpu":
+        return reference.cache_attention_evict(q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget,
+                                               n_sink, recent, scores, cos, sin)
+    _require_kernels(_CE)
+    return torch.ops.w8a16_cuda.cache_attention(q, k_new, v_new, k_cache, v_cache, seen, scale, pos, free, scores,
+                                                budget, n_sink, recent, cos, sin)
+
+
+def _evict_impls(kind: str):
+    def plain(q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent, cos=None, sin=None):
+        return _evict_run(kind, q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent,
+                          None, cos, sin)
+
+    def scored(q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent, scores, cos=None,
+               sin=None):
+        return _evict_run(kind, q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent,
+                          scores, cos, sin)
+    return plain, scored
+
+
+for _kind, _key in (("cpu", "CPU"), ("cuda", "CUDA"), ("fake", None)):
+    for _name, _fn in zip(("_cache_attention_evict", "_cache_attention_evict_scored"), _evict_impls(_kind)):
+        if _key is None:
+            torch.library.register_fake(f"w8a16::{_name}", lib=_lib)(_fn)
+        else:
+            torch.library.impl(f"w8a16::{_name}", _key, lib=_lib)(_fn)

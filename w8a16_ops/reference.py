@@ -56,3 +56,114 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         scores.add_(probs)
     out = torch.einsum("bhs,bhsd->bhd", probs, v_cache.float())
     return out.to(q.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+    """GPT-NeoX's rotary embedding on the first R = cos.numel() dims of each head.
+
+    ``x * cos + rotate_half(x) * sin`` over those dims, computed in fp32 and rounded
+    once to x's dtype (as the compiled decoder does); the other dims pass through.
+    x: [..., D]; cos, sin: [R] (R even, R <= D) or both None (x is returned as is).
+    """
+    if cos is None:
+        return x
+    R = cos.numel()
+    xf = x.float()
+    r = xf[..., :R]
+    rot = torch.cat((-r[..., R // 2:], r[..., :R // 2]), dim=-1)
+    out = torch.cat((r * cos.float() + rot * sin.float(), xf[..., R:]), dim=-1)
+    return out.to(x.dtype)
+
+
+def _write_new_token(k_new, v_new, k_cache, v_cache, slot):
+    """k_cache[b, h, slot[b, h]] = k_new[b, h] (and v); slot [B, H] int64."""
+    B, H, S, D = k_cache.shape
+    idx = slot.clamp(max=S - 1)[:, :, None, None].expand(B, H, 1, D)
+    inside = (slot < S)[:, :, None, None]  # a slot past the cache is not written
+    k_cache.scatter_(2, idx, torch.where(inside, k_new[:, :, None].to(k_cache.dtype), k_cache.gather(2, idx)))
+    v_cache.scatter_(2, idx, torch.where(inside, v_new[:, :, None].to(v_cache.dtype), v_cache.gather(2, idx)))
+
+
+def cache_attention_full(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, seen: torch.Tensor,
+                         scale: float, cos: torch.Tensor | None = None,
+                         sin: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode step of the ``full`` policy: append the new token, then attend.
+
+    Writes ``k_new``/``v_new`` into slot ``seen[0]`` of every (b, h) -- nothing is
+    written if ``seen[0] >= S`` (the caller keeps sequences within the cache) -- and
+    returns single-query attention over the first ``min(seen[0] + 1, S)`` slots.
+
+    Args:
+        q, k_new, v_new: [B, H, D], the new token (keys after rotary).
+        k_cache, v_cache: [B, H, S, D], same dtype as q; mutated.
+        seen: [1] int64, tokens already cached (the new token's position).
+        scale: softmax scale.
+        cos, sin: optional [R] rotary tables of the new token's position, q's dtype:
+            q and k_new are first rotated (``rotate``), so the cache holds rotated keys.
+    Returns:
+        [B, H, D] in q's dtype.
+    """
+    B, H, S, _ = k_cache.shape
+    q, k_new = rotate(q, cos, sin), rotate(k_new, cos, sin)
+    newest = seen.reshape(1).long()
+    _write_new_token(k_new, v_new, k_cache, v_cache, newest.expand(B, H))
+    held = torch.clamp(newest + 1, max=S).to(torch.int32).expand(B)
+    return decode_attention(q, k_cache, v_cache, held, scale)
+
+
+def cache_attention_evict(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                          free: torch.Tensor, seen: torch.Tensor, scale: float, budget: int,
+                          n_sink: int, recent: int, scores: torch.Tensor | None = None,
+                          cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode step of a fixed-budget policy: append, attend, evict (per b, h).
+
+    1. The new token goes into slot ``free[b, h]``: its K/V, ``pos = seen[0]`` and,
+       with ``scores``, a score of 0.
+    2. Attention over the ``min(seen[0] + 1, S)`` held slots; with ``scores``, every
+       slot's probability is added to its score (H2O).
+    3. If ``seen[0] >= budget`` the cache now holds ``budget + 1`` tokens: the victim
+       is the evictable slot with the smallest key (``scores`` if given, else the
+       position: oldest first), ties to the oldest position. Evictable means
+       ``n_sink <= pos <= seen[0] - recent``. ``pos[victim] = -1`` and
+       ``free = victim``; otherwise ``free`` = the next unused slot.
+
+    H2O(heavy, recent) is ``budget = heavy + recent, n_sink = 0`` with scores;
+    sink(n, w) is ``budget = n + w, n_sink = n, recent = w``; window(w) is
+    ``budget = w, n_sink = 0, recent = w``.
+
+    Args:
+        q, k_new, v_new: [B, H, D].
+        k_cache, v_cache: [B, H, S, D]; mutated.
+        pos: [B, H, S] int32, position held in each slot (-1: empty); mutated.
+        free: [B, H] int64, the slot the new token goes to; mutated.
+        seen: [1] int64, the new token's position.
+        scale: softmax scale.
+        budget, n_sink, recent: the policy (see above).
+        scores: [B, H, S] float32 accumulated probabilities, or None; mutated.
+        cos, sin: optional rotary tables, as in ``cache_attention_full``.
+    Returns:
+        [B, H, D] in q's dtype.
+    """
+    B, H, S, _ = k_cache.shape
+    q, k_new = rotate(q, cos, sin), rotate(k_new, cos, sin)
+    newest = seen.reshape(1).long()
+    slot = free.long()
+    _write_new_token(k_new, v_new, k_cache, v_cache, slot)
+    inside = slot.clamp(max=S - 1)[..., None]
+    pos.scatter_(2, inside, torch.where(slot[..., None] < S, newest.to(pos.dtype).expand(B, H, 1),
+                                        pos.gather(2, inside)))
+    if scores is not None:
+        scores.scatter_(2, inside, torch.where(slot[..., None] < S, 0.0, scores.gather(2, inside)))
+    held = torch.clamp(newest + 1, max=S)  # [1]
+    out = decode_attention(q, k_cache, v_cache, held.to(torch.int32).expand(B), scale, scores)
+    over = newest >= budget  # [1] bool
+    evictable = (pos >= 0) & (pos >= n_sink) & (pos <= newest - recent)
+    key = scores if scores is not None else pos.float()
+    key = key.masked_fill(~evictable, float("inf"))
+    tied = evictable & (key == key.amin(dim=-1, keepdim=True))
+    victim = pos.masked_fill(~tied, torch.iinfo(pos.dtype).max).argmin(dim=-1, keepdim=True)  # [B, H, 1]
+    pos.scatter_(2, victim, torch.where(over, -1, pos.gather(2, victim)))
+    free.copy_(torch.where(over, victim[..., 0], held))
+    return out
