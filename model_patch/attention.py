@@ -9,7 +9,8 @@ does what HF does up to the cache, then hands ``q, k, v`` to the policy:
     qkv = query_key_value(h)                          # [B, T, 3 * H * D]
     q, k, v = per-head interleaved split              # [B, H, T, D] each
     q, k = rotary on the first rotary_ndims dims      # keys are cached after rotary
-    out = cache.prefill(layer, q, k, v)  or  cache.decode(layer, q, k, v)
+    out = cache.prefill(layer, q, k, v)  or  cache.decode(layer, q, k, v, cos, sin)
+                                                      # (decode: the rotary is fused into the op)
     return dense(out reshaped to [B, T, H * D])
 
 The policy attention is causal by construction, so HF's attention mask is not used.
@@ -107,13 +108,15 @@ def policy_attention(attn: nn.Module, hidden_states: torch.Tensor, cos: torch.Te
     B, T, _ = hidden_states.shape
     qkv = attn.query_key_value(hidden_states)  # [B, T, 3 * hidden]
     q, k, v = split_heads(qkv, attn.config.num_attention_heads)  # [B, H, T, D]
-    q, k = apply_rotary(q, k, cos, sin)
     if prefill:
+        q, k = apply_rotary(q, k, cos, sin)
         out = cache.prefill(layer, q, k, v)
     else:
         if T != 1:
             raise ValueError(f"policy_attention: decode takes one token per row, got T={T}")
-        out = cache.decode(layer, q, k, v)
+        # Rows share their position (no padding), so row 0's tables serve all; the cache's
+        # fused decode op rotates q and k itself, reading them straight from `qkv`.
+        out = cache.decode(layer, q, k, v, cos[0, 0], sin[0, 0])
     out = out.transpose(1, 2).reshape(B, T, -1)  # [B, T, H * D]
     return attn.dense(out)
 

@@ -28,16 +28,20 @@ the set of tokens they protect (the ``recent`` / ``window`` newest, the first
 ``n_sink``). ``model_patch.h2o_reference`` is the readable oracle they are
 tested against.
 
-Decode step of an evicting cache, per layer (all rows and heads at once)::
+Decode step of an evicting cache, per layer (all rows and heads at once), one
+fused op, ``w8a16.cache_attention_evict`` (one CUDA kernel launch)::
 
+    0. rotate q and k (rotary) when the caller passes the cos/sin tables
     1. write k, v of the new token into its row's/head's free slot; pos[slot] =
        its position, score[slot] = 0
-    2. out = w8a16.decode_attention(q, k, v, length = min(seen + 1, S), scores)
-       (adds this query's probabilities into ``scores``; H2O only)
+    2. attend over the min(seen + 1, S) held slots (adding this query's
+       probabilities into ``scores``; H2O only)
     3. if more than ``budget`` tokens are now held: victim = argmin of the key
        over the evictable slots, ties to the oldest position; pos[victim] = -1
        and the victim becomes the next free slot; otherwise the next free slot
        is the next unused one.
+
+``FullCache`` uses ``w8a16.cache_attention_full`` (steps 0-2, slot = ``seen``).
 
 So the new token sees ``budget`` older tokens plus itself, and ``budget`` tokens
 remain after the step. The step has static shapes, no ``.item()`` and no host
@@ -218,8 +222,20 @@ class KVCache(nn.Module):
     def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+        """One new token per row: q, k, v [B, H, 1, D] -> attention output [B, H, 1, D].
+
+        With ``cos, sin`` ([R] rotary tables of the token's position), q and k are
+        rotated here (inside the fused op); without them they must be rotated already.
+        """
         raise NotImplementedError
+
+    @staticmethod
+    def _rotary(cos, sin):
+        if cos is None or cos.numel() == 0:
+            return None, None
+        return cos.reshape(-1), sin.reshape(-1)
 
 
 class FullCache(KVCache):
@@ -240,15 +256,14 @@ class FullCache(KVCache):
             self.length.fill_(T)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
 
-    def decode(self, layer, q, k, v):
-        # q, k, v: [B, H, 1, D]. Slot of the new token = tokens seen so far.
-        slot = self.seen  # [1] int64
-        self.k[layer].index_copy_(2, slot, k)
-        self.v[layer].index_copy_(2, slot, v)
-        length = (slot + 1).to(torch.int32).expand(self.batch_size)
-        out = torch.ops.w8a16.decode_attention(q[:, :, 0], self.k[layer], self.v[layer], length, self.scale)
+    def decode(self, layer, q, k, v, cos=None, sin=None):
+        # q, k, v: [B, H, 1, D]. One fused op (rotary,) writes the new token into slot
+        # `seen` and attends over the seen + 1 filled slots.
+        cos, sin = self._rotary(cos, sin)
+        out = torch.ops.w8a16.cache_attention_full(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.k[layer],
+                                                   self.v[layer], self.seen, self.scale, cos, sin)
         if layer == self.n_layers - 1:
-            self.length.copy_(length)
+            self.length.copy_((self.seen + 1).to(torch.int32).expand(self.batch_size))
         return out.unsqueeze(2)
 
 
@@ -303,13 +318,6 @@ class EvictingCache(KVCache):
         if self.uses_scores:
             self.scores.zero_()
 
-    def _victim(self, key: torch.Tensor, evictable: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Slot of the evictable token with the smallest key, ties to the oldest. [B, H] int64."""
-        evictable = evictable & (pos >= 0)
-        key = key.masked_fill(~evictable, float("inf"))
-        tied = evictable & (key == key.amin(dim=-1, keepdim=True))
-        return pos.masked_fill(~tied, torch.iinfo(pos.dtype).max).argmin(dim=-1)
-
     def prefill(self, layer, q, k, v):
         B, H, T, D = q.shape
         if T > self.max_len:
@@ -338,30 +346,20 @@ class EvictingCache(KVCache):
             self.length.fill_(n)
         return out
 
-    def decode(self, layer, q, k, v):
-        B, H, _, D = q.shape
-        newest = self.seen  # [1] int64: position of the incoming token
-        slot = self.free[layer][..., None]  # [B, H, 1]
-        self.k[layer].scatter_(2, slot[..., None].expand(B, H, 1, D), k)
-        self.v[layer].scatter_(2, slot[..., None].expand(B, H, 1, D), v)
-        pos = self.pos[layer]  # [B, H, S]
-        pos.scatter_(2, slot, newest.to(pos.dtype).expand(B, H, 1))
-        scores = None
-        if self.uses_scores:
-            scores = self.scores[layer]
-            scores.scatter_(2, slot, 0.0)
-        held = torch.clamp(newest + 1, max=self.capacity)  # [1]: tokens held incl. the new one
-        out = torch.ops.w8a16.decode_attention(q[:, :, 0], self.k[layer], self.v[layer],
-                                               held.to(torch.int32).expand(B), self.scale, scores)
-        # Evict now so that the next step finds its slot; an over-budget cache is
-        # detected on the device (newest + 1 > budget), without a host sync.
-        over = newest >= self.budget  # [1] bool
-        key, evictable = self.eviction_key(scores, pos, newest)
-        victim = self._victim(key, evictable, pos)[..., None]  # [B, H, 1]
-        pos.scatter_(2, victim, torch.where(over, -1, pos.gather(2, victim)))
-        self.free[layer].copy_(torch.where(over, victim[..., 0], held))
+    def decode(self, layer, q, k, v, cos=None, sin=None):
+        # One fused op per layer: (rotary,) write the new token into its free slot, attend (H2O:
+        # accumulate the probabilities into the scores), and, once more than `budget`
+        # tokens are held, evict the argmin of the key (see the module docstring and
+        # w8a16_ops.reference.cache_attention_evict). The "is the cache full" test
+        # happens on the device, without a host sync.
+        B = q.shape[0]
+        cos, sin = self._rotary(cos, sin)
+        out = torch.ops.w8a16.cache_attention_evict(
+            q[:, :, 0], k[:, :, 0], v[:, :, 0], self.k[layer], self.v[layer], self.pos[layer], self.free[layer],
+            self.seen, self.scale, self.budget, self.n_sink, self.recent,
+            self.scores[layer] if self.uses_scores else None, cos, sin)
         if layer == self.n_layers - 1:
-            self.length.copy_(torch.clamp(newest + 1, max=self.budget).to(torch.int32).expand(B))
+            self.length.copy_(torch.clamp(self.seen + 1, max=self.budget).to(torch.int32).expand(B))
         return out.unsqueeze(2)
 
     def held_mask(self) -> torch.Tensor:
@@ -384,7 +382,7 @@ class H2OCache(EvictingCache):
                  heavy: int = 252, recent: int = 252):
         if heavy < 0 or recent < 0:
             raise ValueError(f"H2OCache: heavy and recent must be >= 0, got heavy={heavy}, recent={recent}")
-        self.heavy, self.recent = heavy, recent
+        self.heavy, self.recent, self.n_sink = heavy, recent, 0
         super().__init__(n_layers, batch_size, n_heads, head_dim, max_len, dtype, device, budget=heavy + recent)
 
     def eviction_key(self, scores, pos, newest):
@@ -401,7 +399,7 @@ class SinkCache(EvictingCache):
                  n_sink: int = 4, window: int = 500):
         if n_sink < 0 or window < 1:
             raise ValueError(f"SinkCache: need n_sink >= 0 and window >= 1, got n_sink={n_sink}, window={window}")
-        self.n_sink, self.window = n_sink, window
+        self.n_sink, self.window, self.recent = n_sink, window, window
         super().__init__(n_layers, batch_size, n_heads, head_dim, max_len, dtype, device, budget=n_sink + window)
 
     def eviction_key(self, scores, pos, newest):
@@ -416,7 +414,7 @@ class WindowCache(EvictingCache):
     def __init__(self, n_layers, batch_size, n_heads, head_dim, max_len, dtype, device, *, window: int = 504):
         if window < 1:
             raise ValueError(f"WindowCache: window must be >= 1, got {window}")
-        self.window = window
+        self.window, self.n_sink, self.recent = window, 0, window
         super().__init__(n_layers, batch_size, n_heads, head_dim, max_len, dtype, device, budget=window)
 
     def eviction_key(self, scores, pos, newest):
