@@ -93,18 +93,24 @@ class Decoder:
 
         self.compiled = (self.device.type == "cuda") if compile is None else bool(compile)
         self._cuda_graphs = self.compiled and self.device.type == "cuda"
-        step = self._step_eager
+        # One step function per variant (greedy: targets is None; teacher forcing: targets).
+        self._steps = {True: self._step_eager, False: self._step_eager}
+        self._step_codes = []
         if self.compiled:
-            # A private copy of the step's code object: dynamo caches compiled graphs per
-            # code object, so each decoder compiles its own step once and many decoders
-            # in one process never pile up entries (or hit the recompile limit) on a
-            # shared one.
-            code = Decoder._step_eager.__code__.replace(co_name=f"decode_step_{id(self):x}")
-            fn = types.FunctionType(code, Decoder._step_eager.__globals__, code.co_name)
-            step = torch.compile(types.MethodType(fn, self), fullgraph=True, dynamic=False,
-                                 mode="reduce-overhead" if self._cuda_graphs else None)
-            self._step_code = code
-        self._step = step
+            # Private copies of the step's code object, one per variant: dynamo caches
+            # compiled graphs per code object, so each decoder compiles each variant once,
+            # many decoders in one process never pile up entries (or hit the recompile limit)
+            # on a shared one, and each code object holds exactly one cache entry (so
+            # skip_guard_eval_unsafe has no entries to tell apart). Measured on H100: this
+            # did not reduce the host time of an H2O step at batch 1, which stays ~2 ms, most
+            # of it in "TorchDynamo Cache Lookup" (docs/results.md, open).
+            for variant in (True, False):
+                name = f"decode_step_{'greedy' if variant else 'scored'}_{id(self):x}"
+                code = Decoder._step_eager.__code__.replace(co_name=name)
+                fn = types.FunctionType(code, Decoder._step_eager.__globals__, name)
+                self._steps[variant] = torch.compile(types.MethodType(fn, self), fullgraph=True, dynamic=False,
+                                                     mode="reduce-overhead" if self._cuda_graphs else None)
+                self._step_codes.append(code)
         self._warm: set[bool] = set()  # step variants (targets is None) already run once
         # The step reads its tokens from these fixed buffers: one layout (contiguous [B]) and
         # one address whatever the caller passes (a strided column, a row view), so neither
@@ -228,14 +234,14 @@ class Decoder:
             torch.compiler.cudagraph_mark_step_begin()
         variant = targets is None
         if self.compiled and variant in self._warm:
-            # This variant is compiled: run only the guards that tell the two variants
-            # apart. The full set (every module, parameter and buffer the step reads)
-            # costs about 1 ms of host time per step at 32 layers, and none of it may
-            # change while the decoder lives (the model is not to be modified after).
+            # This variant is compiled: skip its guards. The full set (every module,
+            # parameter and buffer the step reads) costs about 1 ms of host time per step
+            # at 32 layers, and none of it may change while the decoder lives (the model
+            # is not to be modified after).
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                out = self._step(tokens, targets)
+                out = self._steps[variant](tokens, targets)
         else:
-            out = self._step(tokens, targets)
+            out = self._steps[variant](tokens, targets)
             self._warm.add(variant)
         self._pos += 1
         return out
