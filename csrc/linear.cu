@@ -152,11 +152,12 @@ __device__ __forceinline__ void gemv_load_w(GemvRegs<T, NT, UNROLL>& r, int c0, 
   }
 }
 
-// x fragments of the same chunks, from global memory (XS == nullptr) or from x staged in
-// shared memory (XS = [M, K]).
+// One round's weight and x fragments from global memory, in the original order: per chunk
+// and half, the two weight pieces, then x.
 template <typename T, int NT, int UNROLL>
-__device__ __forceinline__ void gemv_load_x(GemvRegs<T, NT, UNROLL>& r, int c0, int stride, int nchunks, int K,
-                                            int t, const T* const* xrow, const bool* xv) {
+__device__ __forceinline__ void gemv_load_wx(GemvRegs<T, NT, UNROLL>& r, int c0, int stride, int nchunks, int K,
+                                             int t, const int8_t* w0, const int8_t* w1, bool v0, bool v1,
+                                             const T* const* xrow, const bool* xv) {
   const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
@@ -164,7 +165,9 @@ __device__ __forceinline__ void gemv_load_x(GemvRegs<T, NT, UNROLL>& r, int c0, 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int off = (c << 7) + 64 * h + 16 * t;
-      const bool ok = c < nchunks && off < K;
+      const bool ok = c < nchunks && off < K;  // K % 16 == 0: a piece is all in or all out
+      r.w[u][0][h] = (ok && v0) ? ldg_stream(w0 + off) : zero;
+      r.w[u][1][h] = (ok && v1) ? ldg_stream(w1 + off) : zero;
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const bool okx = ok && xv[j];
@@ -175,6 +178,7 @@ __device__ __forceinline__ void gemv_load_x(GemvRegs<T, NT, UNROLL>& r, int c0, 
   }
 }
 
+// x fragments from x staged in shared memory (rows of K).
 template <typename T, int NT, int UNROLL>
 __device__ __forceinline__ void gemv_load_x_smem(GemvRegs<T, NT, UNROLL>& r, int c0, int stride, int nchunks,
                                                  int K, int t, const T* const* xrow, const bool* xv) {
@@ -255,22 +259,28 @@ __global__ void __launch_bounds__(WARPS * 32)
   // All UNROLL chunks' loads are issued before their math: decoding is latency-bound
   // as much as bandwidth-bound. (A register double-buffered variant, loading the next
   // round during this round's math, measured slower on H100: fewer warps fit per SM.)
-  GemvRegs<T, NT, UNROLL> r;
-  gemv_load_w(r, warp, WARPS, nchunks, K, t, w0, w1, v0, v1);  // first round, before x is staged
   if constexpr (XSMEM) {
+    GemvRegs<T, NT, UNROLL> r;
+    gemv_load_w(r, warp, WARPS, nchunks, K, t, w0, w1, v0, v1);  // first round, before x is staged
     const uint32_t xs = static_cast<uint32_t>(__cvta_generic_to_shared(gemv_smem));
     for (int i = threadIdx.x; i < M * K / 8; i += WARPS * 32) cp_async16_pred(xs + 16 * i, x + 8 * (size_t)i, true);
     cp_async_commit_group();
     cp_async_wait_all();
     __syncthreads();
-  }
-  for (int c0 = warp; c0 < nchunks; c0 += WARPS * UNROLL) {
-    if (c0 != warp) gemv_load_w(r, c0, WARPS, nchunks, K, t, w0, w1, v0, v1);
-    if constexpr (XSMEM)
+    for (int c0 = warp; c0 < nchunks; c0 += WARPS * UNROLL) {
+      if (c0 != warp) gemv_load_w(r, c0, WARPS, nchunks, K, t, w0, w1, v0, v1);
       gemv_load_x_smem(r, c0, WARPS, nchunks, K, t, xrow, xv);
-    else
-      gemv_load_x(r, c0, WARPS, nchunks, K, t, xrow, xv);
-    gemv_math(r, acc);
+      gemv_math(r, acc);
+    }
+  } else {
+    // x from L2, each round's weight and x loads issued together (the loop measured in
+    // docs/kernels.md before x staging; hoisting the first round's weights ahead of x, as the
+    // staged path does, made M = 16 up to 1.5x slower on H100).
+    for (int c0 = warp; c0 < nchunks; c0 += WARPS * UNROLL) {
+      GemvRegs<T, NT, UNROLL> r;
+      gemv_load_wx(r, c0, WARPS, nchunks, K, t, w0, w1, v0, v1, xrow, xv);
+      gemv_math(r, acc);
+    }
   }
 
   // Reduce the WARPS partial sums. C fragment: c0 (row g, col 2t), c1 (g, 2t+1),
