@@ -135,29 +135,14 @@ struct GemvRegs {
   uint4 x[UNROLL][NT][2][2];  // [chunk][token tile][half][16 B piece]
 };
 
-template <typename T, int NT, int UNROLL>
-__device__ __forceinline__ void gemv_load_w(GemvRegs<T, NT, UNROLL>& r, int c0, int stride, int nchunks, int K,
-                                            int t, const int8_t* w0, const int8_t* w1, bool v0, bool v1) {
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-#pragma unroll
-  for (int u = 0; u < UNROLL; ++u) {
-    const int c = c0 + u * stride;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int off = (c << 7) + 64 * h + 16 * t;
-      const bool ok = c < nchunks && off < K;  // K % 16 == 0: a piece is all in or all out
-      r.w[u][0][h] = (ok && v0) ? ldg_stream(w0 + off) : zero;
-      r.w[u][1][h] = (ok && v1) ? ldg_stream(w1 + off) : zero;
-    }
-  }
-}
+// Loads of one round (UNROLL chunks): per chunk and half, the two weight pieces (LOAD_W), then
+// the x fragments, from global memory (XG) or from x staged in shared memory (XS); XNONE: none.
+enum GemvX { XNONE, XG, XS };
 
-// One round's weight and x fragments from global memory, in the original order: per chunk
-// and half, the two weight pieces, then x.
-template <typename T, int NT, int UNROLL>
-__device__ __forceinline__ void gemv_load_wx(GemvRegs<T, NT, UNROLL>& r, int c0, int stride, int nchunks, int K,
-                                             int t, const int8_t* w0, const int8_t* w1, bool v0, bool v1,
-                                             const T* const* xrow, const bool* xv) {
+template <bool LOAD_W, GemvX X, typename T, int NT, int UNROLL>
+__device__ __forceinline__ void gemv_load(GemvRegs<T, NT, UNROLL>& r, int c0, int stride, int nchunks, int K, int t,
+                                          const int8_t* w0, const int8_t* w1, bool v0, bool v1,
+                                          const T* const* xrow, const bool* xv) {
   const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
@@ -166,35 +151,22 @@ __device__ __forceinline__ void gemv_load_wx(GemvRegs<T, NT, UNROLL>& r, int c0,
     for (int h = 0; h < 2; ++h) {
       const int off = (c << 7) + 64 * h + 16 * t;
       const bool ok = c < nchunks && off < K;  // K % 16 == 0: a piece is all in or all out
-      r.w[u][0][h] = (ok && v0) ? ldg_stream(w0 + off) : zero;
-      r.w[u][1][h] = (ok && v1) ? ldg_stream(w1 + off) : zero;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const bool okx = ok && xv[j];
-        r.x[u][j][h][0] = okx ? ldg(xrow[j] + off) : zero;
-        r.x[u][j][h][1] = okx ? ldg(xrow[j] + off + 8) : zero;
+      if constexpr (LOAD_W) {
+        r.w[u][0][h] = (ok && v0) ? ldg_stream(w0 + off) : zero;
+        r.w[u][1][h] = (ok && v1) ? ldg_stream(w1 + off) : zero;
       }
-    }
-  }
-}
-
-// x fragments from x staged in shared memory (rows of K).
-template <typename T, int NT, int UNROLL>
-__device__ __forceinline__ void gemv_load_x_smem(GemvRegs<T, NT, UNROLL>& r, int c0, int stride, int nchunks,
-                                                 int K, int t, const T* const* xrow, const bool* xv) {
-  const uint4 zero = make_uint4(0, 0, 0, 0);
+      if constexpr (X != XNONE) {
 #pragma unroll
-  for (int u = 0; u < UNROLL; ++u) {
-    const int c = c0 + u * stride;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int off = (c << 7) + 64 * h + 16 * t;
-      const bool ok = c < nchunks && off < K;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const bool okx = ok && xv[j];
-        r.x[u][j][h][0] = okx ? *reinterpret_cast<const uint4*>(xrow[j] + off) : zero;
-        r.x[u][j][h][1] = okx ? *reinterpret_cast<const uint4*>(xrow[j] + off + 8) : zero;
+        for (int j = 0; j < NT; ++j) {
+          const bool okx = ok && xv[j];
+          if constexpr (X == XG) {
+            r.x[u][j][h][0] = okx ? ldg(xrow[j] + off) : zero;
+            r.x[u][j][h][1] = okx ? ldg(xrow[j] + off + 8) : zero;
+          } else {
+            r.x[u][j][h][0] = okx ? *reinterpret_cast<const uint4*>(xrow[j] + off) : zero;
+            r.x[u][j][h][1] = okx ? *reinterpret_cast<const uint4*>(xrow[j] + off + 8) : zero;
+          }
+        }
       }
     }
   }
@@ -224,9 +196,13 @@ __device__ __forceinline__ void gemv_math(const GemvRegs<T, NT, UNROLL>& r, floa
   }
 }
 
-__device__ __forceinline__ void cp_async16_pred(uint32_t smem, const void* gmem, bool valid);
-__device__ __forceinline__ void cp_async_commit_group();
-__device__ __forceinline__ void cp_async_wait_all();
+__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, bool valid) {
+  const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // XSMEM: x [M, K] is first staged in shared memory (M * K * 2 bytes of dynamic shared memory),
 // so each block reads it from L2 once and the x fragments need registers only during the math.
@@ -261,15 +237,15 @@ __global__ void __launch_bounds__(WARPS * 32)
   // round during this round's math, measured slower on H100: fewer warps fit per SM.)
   if constexpr (XSMEM) {
     GemvRegs<T, NT, UNROLL> r;
-    gemv_load_w(r, warp, WARPS, nchunks, K, t, w0, w1, v0, v1);  // first round, before x is staged
+    gemv_load<true, XNONE>(r, warp, WARPS, nchunks, K, t, w0, w1, v0, v1, xrow, xv);  // before x is staged
     const uint32_t xs = static_cast<uint32_t>(__cvta_generic_to_shared(gemv_smem));
-    for (int i = threadIdx.x; i < M * K / 8; i += WARPS * 32) cp_async16_pred(xs + 16 * i, x + 8 * (size_t)i, true);
-    cp_async_commit_group();
-    cp_async_wait_all();
+    for (int i = threadIdx.x; i < M * K / 8; i += WARPS * 32) cp_async16(xs + 16 * i, x + 8 * (size_t)i, true);
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
     for (int c0 = warp; c0 < nchunks; c0 += WARPS * UNROLL) {
-      if (c0 != warp) gemv_load_w(r, c0, WARPS, nchunks, K, t, w0, w1, v0, v1);
-      gemv_load_x_smem(r, c0, WARPS, nchunks, K, t, xrow, xv);
+      if (c0 != warp) gemv_load<true, XNONE>(r, c0, WARPS, nchunks, K, t, w0, w1, v0, v1, xrow, xv);
+      gemv_load<false, XS>(r, c0, WARPS, nchunks, K, t, w0, w1, v0, v1, xrow, xv);
       gemv_math(r, acc);
     }
   } else {
@@ -278,7 +254,7 @@ __global__ void __launch_bounds__(WARPS * 32)
     // staged path does, made M = 16 up to 1.5x slower on H100).
     for (int c0 = warp; c0 < nchunks; c0 += WARPS * UNROLL) {
       GemvRegs<T, NT, UNROLL> r;
-      gemv_load_wx(r, c0, WARPS, nchunks, K, t, w0, w1, v0, v1, xrow, xv);
+      gemv_load<true, XG>(r, c0, WARPS, nchunks, K, t, w0, w1, v0, v1, xrow, xv);
       gemv_math(r, acc);
     }
   }
@@ -313,19 +289,6 @@ constexpr int A_STAGE_BYTES = BM * BK * 2;  // fp16/bf16
 constexpr int B_STAGE_BYTES = BN * BK;      // int8
 constexpr int GEMM_SMEM = STAGES * (A_STAGE_BYTES + B_STAGE_BYTES);
 
-__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, bool valid) {
-  const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void cp_async16_pred(uint32_t smem, const void* gmem, bool valid) {
-  cp_async16(smem, gmem, valid);
-}
-__device__ __forceinline__ void cp_async_commit_group() { cp_async_commit(); }
-__device__ __forceinline__ void cp_async_wait_all() { cp_async_wait<0>(); }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
