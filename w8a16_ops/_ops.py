@@ -126,26 +126,23 @@ def _cache_attention_evict(q, k_new, v_new, k_cache, v_cache, pos, free, seen, s
     return torch.ops.w8a16._cache_attention_evict_scored(*args, scores, cos, sin)
 
 
-def _cf_cpu(q, k_new, v_new, k_cache, v_cache, seen, scale, cos=None, sin=None):
-    check_cache_attention(_CF, q, k_new, v_new, k_cache, v_cache, seen, None, cos, sin)
-    return reference.cache_attention_full(q, k_new, v_new, k_cache, v_cache, seen, scale, cos, sin)
+def _full_impl(kind: str):
+    # kind: "cpu", "cuda" or "fake"
+    def impl(q, k_new, v_new, k_cache, v_cache, seen, scale, cos=None, sin=None):
+        check_cache_attention(_CF, q, k_new, v_new, k_cache, v_cache, seen, None, cos, sin)
+        if kind == "fake":
+            return torch.empty_like(q, memory_format=torch.contiguous_format)
+        if kind == "cpu":
+            return reference.cache_attention_full(q, k_new, v_new, k_cache, v_cache, seen, scale, cos, sin)
+        _require_kernels(_CF)
+        return torch.ops.w8a16_cuda.cache_attention(q, k_new, v_new, k_cache, v_cache, seen, scale,
+                                                    None, None, None, 0, 0, 0, cos, sin)
+    return impl
 
 
-def _cf_cuda(q, k_new, v_new, k_cache, v_cache, seen, scale, cos=None, sin=None):
-    check_cache_attention(_CF, q, k_new, v_new, k_cache, v_cache, seen, None, cos, sin)
-    _require_kernels(_CF)
-    return torch.ops.w8a16_cuda.cache_attention(q, k_new, v_new, k_cache, v_cache, seen, scale,
-                                                None, None, None, 0, 0, 0, cos, sin)
-
-
-def _cf_fake(q, k_new, v_new, k_cache, v_cache, seen, scale, cos=None, sin=None):
-    check_cache_attention(_CF, q, k_new, v_new, k_cache, v_cache, seen, None, cos, sin)
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-torch.library.impl("w8a16::cache_attention_full", "CPU", lib=_lib)(_cf_cpu)
-torch.library.impl("w8a16::cache_attention_full", "CUDA", lib=_lib)(_cf_cuda)
-torch.library.register_fake("w8a16::cache_attention_full", lib=_lib)(_cf_fake)
+torch.library.impl("w8a16::cache_attention_full", "CPU", lib=_lib)(_full_impl("cpu"))
+torch.library.impl("w8a16::cache_attention_full", "CUDA", lib=_lib)(_full_impl("cuda"))
+torch.library.register_fake("w8a16::cache_attention_full", lib=_lib)(_full_impl("fake"))
 
 
 def _evict_run(kind, q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent, scores,
