@@ -270,8 +270,10 @@ class FullCache(KVCache):
 class EvictingCache(KVCache):
     """Shared mechanism of the fixed-budget policies (see the module docstring).
 
-    Subclasses define ``budget`` and ``eviction_key``; H2O also sets
-    ``uses_scores`` so that decode attention accumulates probabilities.
+    Subclasses set ``n_sink`` and ``recent`` (the protected oldest and newest tokens)
+    and pass ``budget``; H2O also sets ``uses_scores`` so that its key is the
+    accumulated attention instead of the position. ``eviction_key`` (prefill) and the
+    decode op (``w8a16.cache_attention_evict``) read the policy from these alone.
 
     Extra buffers: ``pos`` ``[L, B, H, S]`` int32 (position held in each slot,
     -1 for an empty or evicted slot), ``free`` ``[L, B, H]`` int64 (the slot the
@@ -306,9 +308,11 @@ class EvictingCache(KVCache):
             newest: position of the newest token held (int or [1] int64 tensor).
         Returns:
             key [B, H, N] fp32 (the smallest evictable key goes first, ties to the
-            oldest position) and evictable [B, H, N] bool (protected tokens False).
+            oldest position) and evictable [B, H, N] bool (protected tokens False):
+            ``n_sink <= pos <= newest - recent``, as in the decode op.
         """
-        raise NotImplementedError
+        key = scores if self.uses_scores else pos.float()
+        return key, (pos >= self.n_sink) & (pos <= newest - self.recent)
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -385,9 +389,6 @@ class H2OCache(EvictingCache):
         self.heavy, self.recent, self.n_sink = heavy, recent, 0
         super().__init__(n_layers, batch_size, n_heads, head_dim, max_len, dtype, device, budget=heavy + recent)
 
-    def eviction_key(self, scores, pos, newest):
-        return scores, pos <= newest - self.recent
-
 
 class SinkCache(EvictingCache):
     """StreamingLLM: keep the first ``n_sink`` tokens (attention sinks) and the
@@ -402,9 +403,6 @@ class SinkCache(EvictingCache):
         self.n_sink, self.window, self.recent = n_sink, window, window
         super().__init__(n_layers, batch_size, n_heads, head_dim, max_len, dtype, device, budget=n_sink + window)
 
-    def eviction_key(self, scores, pos, newest):
-        return pos.float(), (pos >= self.n_sink) & (pos <= newest - self.window)
-
 
 class WindowCache(EvictingCache):
     """Sliding window: keep the ``window`` newest tokens."""
@@ -416,6 +414,3 @@ class WindowCache(EvictingCache):
             raise ValueError(f"WindowCache: window must be >= 1, got {window}")
         self.window, self.n_sink, self.recent = window, 0, window
         super().__init__(n_layers, batch_size, n_heads, head_dim, max_len, dtype, device, budget=window)
-
-    def eviction_key(self, scores, pos, newest):
-        return pos.float(), pos <= newest - self.window
