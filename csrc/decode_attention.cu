@@ -35,6 +35,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <cmath>
@@ -45,8 +46,11 @@ namespace {
 
 constexpr int kTile = 32;             // tokens per pipeline stage; one lane per token in the softmax
 constexpr int kMaxSplits = 64;        // the combine kernel holds two splits per lane of one warp
-constexpr int kMinSplitTokens = 256;  // do not split S finer than this: below ~256 tokens a split
-                                      // saves less than the combine launch costs (H100, B=1)
+constexpr int kMinSplitTokens = 256;  // split S at most once per 256 slots (more splits of a long
+                                      // cache cost more in the combine than they save, H100, B=1)
+constexpr int kShortSplits = 8;       // ... but a short cache may take up to 8 splits of >= 64
+constexpr int kShortSplitTokens = 64; // slots: B=1, S=505 (H2O 252/252) 14.1 -> 11.9 us per call
+constexpr int kKeep = 4;             // slots per thread held in registers by the score update
 constexpr int kScoreChunk = 1024;     // tokens of `scores` per combine block
 constexpr int kCombineThreads = 256;
 constexpr int kGenericThreads = 256;  // block size of the runtime-VEC kernel
@@ -251,6 +255,52 @@ __device__ __forceinline__ Cand update_scores_and_pick(const Params& p, int bh, 
   return c;
 }
 
+// The same update for a row short enough that each thread holds its KEEP slots
+// first + r * stride (r < KEEP) in registers: old scores and positions are loaded early (to
+// overlap their latency with other work), the logits are passed in (the split kernel keeps
+// them in registers; the combine kernel loads them with the rest).
+template <int KEEP>
+struct SlotRegs {
+  float old[KEEP];
+  float lg[KEEP];
+  int pv[KEEP];
+};
+
+template <int KEEP>
+__device__ __forceinline__ void load_slots(const Params& p, int bh, int first, int end, int stride,
+                                           const float* logits_row, SlotRegs<KEEP>& r) {
+  const float* sc = p.scores + (size_t)bh * p.S;
+  const int* ps = p.pos + (size_t)bh * p.S;
+#pragma unroll
+  for (int u = 0; u < KEEP; ++u) {
+    const int s = first + u * stride;
+    const bool in = s < end;
+    r.old[u] = p.scores != nullptr && in ? sc[s] : 0.f;
+    r.pv[u] = p.free_slot != nullptr && in ? ps[s] : -1;
+    if (logits_row != nullptr) r.lg[u] = p.scores != nullptr && in ? logits_row[s] : 0.f;
+  }
+}
+
+template <int KEEP>
+__device__ __forceinline__ Cand fold_slots(const Params& p, int bh, int first, int end, int stride,
+                                           const SlotRegs<KEEP>& r, float M, float inv_l, long long newest) {
+  float* sc = p.scores + (size_t)bh * p.S;
+  Cand c = no_cand();
+#pragma unroll
+  for (int u = 0; u < KEEP; ++u) {
+    const int s = first + u * stride;
+    if (s < end) {
+      float key = (float)r.pv[u];
+      if (p.scores != nullptr) {
+        key = r.old[u] + exp2f(r.lg[u] - M) * inv_l;
+        sc[s] = key;
+      }
+      if (p.free_slot != nullptr) consider(p, newest, s, r.pv[u], key, c);
+    }
+  }
+  return c;
+}
+
 // Block-wide: picks the victim among the candidates and updates pos / free_slot of row bh.
 // Called by every thread of the block (blockDim.x a multiple of 32, at most 1024).
 __device__ void finish_eviction(const Params& p, int bh, int len, long long newest, Cand c) {
@@ -346,6 +396,15 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
   }
 
   const int ntiles = (s1 - s0 + kTile - 1) / kTile;
+  // One split with scores or eviction, and at most kKeep tiles per warp (S <= 640 for D = 80):
+  // thread (warp, lane) keeps the logit of token lane of tiles warp + r * kWarps in registers,
+  // and its slots' old score and position are loaded now, so the end of the kernel needs no
+  // global loads. Otherwise the logits go through the workspace.
+  constexpr int kWarps = NT / 32;
+  const bool tail_work = p.scores != nullptr || p.free_slot != nullptr;
+  const bool in_regs = p.splits == 1 && tail_work && ntiles <= kKeep * kWarps;
+  SlotRegs<kKeep> regs;
+  if (in_regs) load_slots<kKeep>(p, bh, warp * kTile + lane, s1, kWarps * kTile, nullptr, regs);
   // Tile j = tokens [s0 + 32 j, min(s0 + 32 j + 32, s1)); K and V of those tokens are
   // contiguous in memory, n * vec 16-byte vectors each. Vectors past n are not copied
   // (and never used: the softmax masks those tokens, the P.V loop skips them). The new token's
@@ -493,7 +552,15 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
     const float pr = exp2f(x - m_new);          // 0 for masked lanes
     l = l * alpha + warp_sum(pr);
     m = m_new;
-    if (p.scores != nullptr && warp == 0 && lane < n) logits_row[t0 + lane] = x;
+    if (in_regs) {
+      if (j % kWarps == warp) {
+#pragma unroll
+        for (int r = 0; r < kKeep; ++r)  // a select, not a branch: regs stays in registers
+          regs.lg[r] = r == j / kWarps ? x : regs.lg[r];
+      }
+    } else if (p.scores != nullptr && warp == 0 && lane < n) {
+      logits_row[t0 + lane] = x;
+    }
 
     // acc += p . v over this thread's tokens (zero slices for the masked ones).
 #pragma unroll
@@ -527,9 +594,22 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
       for (int t = 0; t < toks; ++t) a += s_fin[t * D + d];
       out[d] = Elem<T>::from_float(a * inv_l);
     }
-    if (p.scores != nullptr || p.free_slot != nullptr) {
+    if (tail_work) {
       // s0 = 0 and s1 = len here. Evicting policies fold the updated keys into the victim search.
-      const Cand c = update_scores_and_pick(p, bh, s0 + tid, s1, NT, logits_row, m, inv_l, newest);
+      Cand c;
+      if (in_regs) {
+        if (new_slot >= 0) {  // loaded before this block wrote the new token's slot
+#pragma unroll
+          for (int r = 0; r < kKeep; ++r)
+            if (warp * kTile + lane + r * kWarps * kTile == new_slot) {
+              regs.old[r] = 0.f;
+              regs.pv[r] = (int)newest;
+            }
+        }
+        c = fold_slots<kKeep>(p, bh, warp * kTile + lane, s1, kWarps * kTile, regs, m, inv_l, newest);
+      } else {
+        c = update_scores_and_pick(p, bh, s0 + tid, s1, NT, logits_row, m, inv_l, newest);
+      }
       if (p.free_slot != nullptr) finish_eviction(p, bh, len, newest, c);
     }
   } else {
@@ -561,6 +641,18 @@ __global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kern
   const int chunk = split_chunk(len, p.splits);
   const int nact = chunk > 0 ? (len + chunk - 1) / chunk : 0;  // splits that hold tokens
   const float* ml = p.part_ml + (size_t)bh * p.splits * 2;
+  const long long newest = p.seen != nullptr ? p.seen[0] : 0;
+
+  // Score update / eviction over tokens [first, end): loaded before the max and sum are
+  // known, when every thread holds its slots in registers (one chunk of <= kKeep * 256).
+  const bool tail_work = p.scores != nullptr || p.free_slot != nullptr;
+  const int chunk_y = p.free_slot != nullptr ? len : kScoreChunk;  // evicting: gridDim.y == 1
+  const int first = blockIdx.y * chunk_y + tid;
+  const int end = min(len, (int)(blockIdx.y + 1) * chunk_y);
+  const bool in_regs = tail_work && end - (int)blockIdx.y * chunk_y <= kKeep * kCombineThreads;
+  const float* logits_row = p.logits + (size_t)bh * p.S;
+  SlotRegs<kKeep> regs;
+  if (in_regs) load_slots<kKeep>(p, bh, first, end, kCombineThreads, logits_row, regs);
 
   if (tid < 32) {
     const int i0 = tid, i1 = tid + 32;
@@ -591,13 +683,11 @@ __global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kern
       out[d] = Elem<T>::from_float(a);
     }
   }
-  if (p.scores != nullptr || p.free_slot != nullptr) {
+  if (tail_work) {
     // An evicting step runs with one block per (b, h) (gridDim.y == 1) that sees every slot.
-    const long long newest = p.seen != nullptr ? p.seen[0] : 0;
-    const int chunk = p.free_slot != nullptr ? len : kScoreChunk;
-    const int end = min(len, (int)(blockIdx.y + 1) * chunk);
-    const Cand c = update_scores_and_pick(p, bh, blockIdx.y * chunk + tid, end, kCombineThreads,
-                                          p.logits + (size_t)bh * p.S, s_stat[0], s_stat[1], newest);
+    const Cand c = in_regs ? fold_slots<kKeep>(p, bh, first, end, kCombineThreads, regs, s_stat[0], s_stat[1], newest)
+                           : update_scores_and_pick(p, bh, first, end, kCombineThreads, logits_row, s_stat[0],
+                                                    s_stat[1], newest);
     if (p.free_slot != nullptr) finish_eviction(p, bh, len, newest, c);
   }
 }
@@ -689,7 +779,12 @@ cudaError_t choose_splits(int B, int H, int S, int D, int* splits) {
   if (err != cudaSuccess) return err;
   const long long pairs = (long long)B * H;
   long long ns = (long long)sm_count(dev) * bpsm / (pairs > 0 ? pairs : 1);
-  const long long cap = (S + kMinSplitTokens - 1) / kMinSplitTokens;
+  // At most one split per kMinSplitTokens of S, but allow kShortSplits splits of at least
+  // kShortSplitTokens: a short cache (an evicting policy's S = budget + 1) is otherwise cut
+  // into a few long splits, and at small B*H the time is the chain of tiles of one split.
+  const long long cap = std::max<long long>(
+      (S + kMinSplitTokens - 1) / kMinSplitTokens,
+      std::min<long long>(kShortSplits, (S + kShortSplitTokens - 1) / kShortSplitTokens));
   if (ns > cap) ns = cap;
   if (ns > kMaxSplits) ns = kMaxSplits;
   if (ns < 1) ns = 1;

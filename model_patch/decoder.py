@@ -10,8 +10,9 @@ layer norms, ``query_key_value``/``dense`` through ``attention.policy_attention`
 FP16/BF16/FP32 models and W8A16-quantized ones alike.
 
 The decode step (``decode_step``) is one function, compiled once per decoder with
-``torch.compile(mode="reduce-overhead", fullgraph=True)`` on CUDA, so every step
-replays one CUDA graph. It holds: the token embedding, the rotary cos/sin computed
+``torch.compile(mode="reduce-overhead", fullgraph=True)`` on CUDA (passed as that mode's
+inductor options plus a guard filter, ``_keep_guard``, that leaves the per-step guard
+check to the step's arguments), so every step replays one CUDA graph. It holds: the token embedding, the rotary cos/sin computed
 from ``cache.seen`` (a device tensor), every layer (QKV, rotary, the policy's
 ``decode`` incl. its eviction, dense, MLP, residuals), ``cache.advance(1)``, the
 final norm, the LM head, the greedy argmax and, when targets are given, the target
@@ -33,6 +34,28 @@ from .policies import PolicySpec, make_cache, parse_policy
 # rope types whose inv_freq changes with the sequence length (HF's dynamic_rope_update):
 # the decode step computes its angles in-graph from a fixed inv_freq, so they are refused.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+def _keep_guard(entry) -> bool:
+    # Tensor-metadata guards (TENSOR_MATCH: dtype, device, shape, strides, plus the aliasing
+    # check between them) are kept even under skip_guard_eval_unsafe for every tensor that
+    # is not an nn.Parameter. In the decode step those are every int8 weight, scale and bias
+    # and every KV-cache buffer: hundreds of tensors reached through ``self``. Measured on
+    # H100 (INT8 Pythia-2.8B, batch 1): with them, an H2O step spent 1.8-3.5 ms of host time
+    # (full: ~1.7 ms), more than its 1.9 ms of GPU time; without them, 0.27 ms (full: 0.24).
+    # None of these tensors may change while the decoder lives (see Decoder), so their
+    # guards are dropped; the step's arguments (tokens, targets) keep theirs, and every
+    # other guard stays. Guard names come without their frame prefix ("self.cache.k.layers[0]").
+    return not (entry.guard_type == "TENSOR_MATCH" and entry.name.startswith(("self.", "self[")))
+
+
+def _step_options(cuda_graphs: bool) -> dict:
+    """torch.compile options of the decode step: ``mode="reduce-overhead"`` on CUDA (spelled
+    as its inductor options, since torch.compile takes a mode or options, not both) plus
+    the guard filter."""
+    options = dict(torch._inductor.list_mode_options("reduce-overhead" if cuda_graphs else "default"))
+    options["guard_filter_fn"] = lambda entries: [_keep_guard(e) for e in entries]
+    return options
 
 
 class Decoder:
@@ -101,15 +124,14 @@ class Decoder:
             # compiled graphs per code object, so each decoder compiles each variant once,
             # many decoders in one process never pile up entries (or hit the recompile limit)
             # on a shared one, and each code object holds exactly one cache entry (so
-            # skip_guard_eval_unsafe has no entries to tell apart). Measured on H100: this
-            # did not reduce the host time of an H2O step at batch 1, which stays ~2 ms, most
-            # of it in "TorchDynamo Cache Lookup" (docs/results.md, open).
+            # skip_guard_eval_unsafe has no entries to tell apart). The guard filter keeps
+            # the per-step guard check to the step's arguments (see _keep_guard).
             for variant in (True, False):
                 name = f"decode_step_{'greedy' if variant else 'scored'}_{id(self):x}"
                 code = Decoder._step_eager.__code__.replace(co_name=name)
                 fn = types.FunctionType(code, Decoder._step_eager.__globals__, name)
                 self._steps[variant] = torch.compile(types.MethodType(fn, self), fullgraph=True, dynamic=False,
-                                                     mode="reduce-overhead" if self._cuda_graphs else None)
+                                                     options=_step_options(self._cuda_graphs))
                 self._step_codes.append(code)
         self._warm: set[bool] = set()  # step variants (targets is None) already run once
         # The step reads its tokens from these fixed buffers: one layout (contiguous [B]) and
@@ -235,9 +257,9 @@ class Decoder:
         variant = targets is None
         if self.compiled and variant in self._warm:
             # This variant is compiled: skip its guards. The full set (every module,
-            # parameter and buffer the step reads) costs about 1 ms of host time per step
-            # at 32 layers, and none of it may change while the decoder lives (the model
-            # is not to be modified after).
+            # parameter and buffer the step reads) costs host time on every step, and none
+            # of it may change while the decoder lives (the model is not to be modified
+            # after). What the stance still checks is cut down by _keep_guard.
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 out = self._steps[variant](tokens, targets)
         else:

@@ -180,6 +180,35 @@ def test_two_decoders_compile_independently(eager_and_compiled):
     assert _compiled_entries(other) == 1 and _compiled_entries(compiled) == 2
 
 
+def test_step_drops_the_tensor_guards_of_model_and_cache(make_neox, monkeypatch):
+    # The decode step's guard filter drops the tensor-metadata guards of everything reached
+    # through `self` (weights, scales, biases, cache buffers: hundreds of tensors whose
+    # guards cost ~1.5 ms of host time per step even under skip_guard_eval_unsafe) and keeps
+    # those of the step's arguments. Spy on the filter with the names dynamo really passes.
+    import model_patch.decoder as decoder_mod
+
+    seen = []
+    keep = decoder_mod._keep_guard
+
+    def spy(entry):
+        kept = keep(entry)
+        if entry.guard_type == "TENSOR_MATCH":
+            seen.append((entry.name, kept))
+        return kept
+
+    monkeypatch.setattr(decoder_mod, "_keep_guard", spy)
+    model = quantize_model(make_neox("d16"))
+    dec = Decoder(model, batch_size=1, max_len=24, kv="h2o:4,4", compile=True)
+    dec.generate(torch.randint(0, 256, (1, 6)), 4)
+    dropped = {name for name, kept in seen if not kept}
+    kept = {name for name, kept in seen if kept}
+    assert kept == {"tokens"}, kept
+    layers = model.config.num_hidden_layers
+    for part in ("k", "v", "pos", "free", "scores"):
+        assert {f"self.cache.{part}.layers[{i}]" for i in range(layers)} <= dropped, part
+    assert any("query_key_value" in name and "weight" in name for name in dropped), sorted(dropped)
+
+
 # ---- CUDA ----
 
 
