@@ -360,6 +360,8 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
   const int split = blockIdx.x - bh * p.splits;
   const int b = bh / p.H;
   const int h = bh - b * p.H;
+  // An evicting step's free slot, read before the length so that the two loads overlap.
+  const long long free_slot = p.k_new != nullptr && p.free_slot != nullptr ? p.free_slot[bh] : -1;
   const int len = clamp_length(p, b);
   const int chunk = split_chunk(len, p.splits);
   const int s0 = split * chunk;
@@ -390,7 +392,7 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
   int new_slot = -1;  // the new token's slot if this block holds it, else -1
   const uint16_t* vn = nullptr;
   if (p.k_new != nullptr) {
-    const long long slot = p.free_slot != nullptr ? p.free_slot[bh] : newest;
+    const long long slot = p.free_slot != nullptr ? free_slot : newest;
     if (slot >= s0 && slot < s1) new_slot = (int)slot;
     vn = static_cast<const uint16_t*>(p.v_new) + b * p.vn_sb + h * p.vn_sh;
   }
