@@ -218,47 +218,11 @@ __device__ __forceinline__ Cand warp_first(Cand c) {
   return c;
 }
 
-// Slots first, first + stride, ... < end of row bh: scores[s] += 2^(logit - M) * inv_l (with scores)
-// and, for an evicting step, this thread's best victim candidate among them. The loads of four
-// slots are issued together (the stores to `scores` would otherwise serialise them).
-__device__ __forceinline__ Cand update_scores_and_pick(const Params& p, int bh, int first, int end, int stride,
-                                                       const float* logits_row, float M, float inv_l,
-                                                       long long newest) {
-  float* sc = p.scores + (size_t)bh * p.S;
-  const int* ps = p.pos + (size_t)bh * p.S;
-  const bool scored = p.scores != nullptr, evict = p.free_slot != nullptr;
-  Cand c = no_cand();
-  for (int base = first; base < end; base += 4 * stride) {
-    float old[4], lg[4];
-    int pv[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int s = base + u * stride;
-      const bool in = s < end;
-      old[u] = scored && in ? sc[s] : 0.f;
-      lg[u] = scored && in ? logits_row[s] : 0.f;
-      pv[u] = evict && in ? ps[s] : -1;
-    }
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int s = base + u * stride;
-      if (s < end) {
-        float key = (float)pv[u];
-        if (scored) {
-          key = old[u] + exp2f(lg[u] - M) * inv_l;
-          sc[s] = key;
-        }
-        if (evict) consider(p, newest, s, pv[u], key, c);
-      }
-    }
-  }
-  return c;
-}
-
-// The same update for a row short enough that each thread holds its KEEP slots
-// first + r * stride (r < KEEP) in registers: old scores and positions are loaded early (to
-// overlap their latency with other work), the logits are passed in (the split kernel keeps
-// them in registers; the combine kernel loads them with the rest).
+// Slots first + u * stride (u < KEEP, those < end) of row bh, held in registers: scores[s] +=
+// 2^(logit - M) * inv_l (with scores) and, for an evicting step, the thread's best victim
+// candidate among them, folded into `c`. load_slots issues all the loads at once (old score,
+// position and, given a logits row, the logit); the caller may issue them early to overlap
+// their latency with other work (the split kernel keeps the logits in registers itself).
 template <int KEEP>
 struct SlotRegs {
   float old[KEEP];
@@ -282,10 +246,10 @@ __device__ __forceinline__ void load_slots(const Params& p, int bh, int first, i
 }
 
 template <int KEEP>
-__device__ __forceinline__ Cand fold_slots(const Params& p, int bh, int first, int end, int stride,
-                                           const SlotRegs<KEEP>& r, float M, float inv_l, long long newest) {
+__device__ __forceinline__ void fold_slots(const Params& p, int bh, int first, int end, int stride,
+                                           const SlotRegs<KEEP>& r, float M, float inv_l, long long newest,
+                                           Cand& c) {
   float* sc = p.scores + (size_t)bh * p.S;
-  Cand c = no_cand();
 #pragma unroll
   for (int u = 0; u < KEEP; ++u) {
     const int s = first + u * stride;
@@ -297,6 +261,19 @@ __device__ __forceinline__ Cand fold_slots(const Params& p, int bh, int first, i
       }
       if (p.free_slot != nullptr) consider(p, newest, s, r.pv[u], key, c);
     }
+  }
+}
+
+// The same for every slot first, first + stride, ... < end, kKeep slots per round (the stores
+// to `scores` would otherwise serialise the loads).
+__device__ __forceinline__ Cand update_scores_and_pick(const Params& p, int bh, int first, int end, int stride,
+                                                       const float* logits_row, float M, float inv_l,
+                                                       long long newest) {
+  Cand c = no_cand();
+  for (int base = first; base < end; base += kKeep * stride) {
+    SlotRegs<kKeep> r;
+    load_slots<kKeep>(p, bh, base, end, stride, logits_row, r);
+    fold_slots<kKeep>(p, bh, base, end, stride, r, M, inv_l, newest, c);
   }
   return c;
 }
@@ -598,7 +575,7 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
     }
     if (tail_work) {
       // s0 = 0 and s1 = len here. Evicting policies fold the updated keys into the victim search.
-      Cand c;
+      Cand c = no_cand();
       if (in_regs) {
         if (new_slot >= 0) {  // loaded before this block wrote the new token's slot
 #pragma unroll
@@ -608,7 +585,7 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
               regs.pv[r] = (int)newest;
             }
         }
-        c = fold_slots<kKeep>(p, bh, warp * kTile + lane, s1, kWarps * kTile, regs, m, inv_l, newest);
+        fold_slots<kKeep>(p, bh, warp * kTile + lane, s1, kWarps * kTile, regs, m, inv_l, newest, c);
       } else {
         c = update_scores_and_pick(p, bh, s0 + tid, s1, NT, logits_row, m, inv_l, newest);
       }
@@ -687,9 +664,11 @@ __global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kern
   }
   if (tail_work) {
     // An evicting step runs with one block per (b, h) (gridDim.y == 1) that sees every slot.
-    const Cand c = in_regs ? fold_slots<kKeep>(p, bh, first, end, kCombineThreads, regs, s_stat[0], s_stat[1], newest)
-                           : update_scores_and_pick(p, bh, first, end, kCombineThreads, logits_row, s_stat[0],
-                                                    s_stat[1], newest);
+    Cand c = no_cand();
+    if (in_regs)
+      fold_slots<kKeep>(p, bh, first, end, kCombineThreads, regs, s_stat[0], s_stat[1], newest, c);
+    else
+      c = update_scores_and_pick(p, bh, first, end, kCombineThreads, logits_row, s_stat[0], s_stat[1], newest);
     if (p.free_slot != nullptr) finish_eviction(p, bh, len, newest, c);
   }
 }
