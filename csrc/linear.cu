@@ -36,6 +36,10 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <algorithm>
+
+#include "linear.h"
+
 namespace {
 
 template <typename T>
@@ -129,42 +133,96 @@ __device__ __forceinline__ uint4 ldg(const void* p) {
 // and half h, w[row g and g + 8][kb + 64h + 16t : +16] and x[token 8j + g][same k].
 // For k16 step s of that half, its fragment's logical columns {2t, 2t+1, 2t+8, 2t+9}
 // are the actual k = base + 4s + {0, 1, 2, 3} in both operands.
+//
+// One launch runs up to two problems (blocks [0, tiles0) the first, the rest the second:
+// w8a16.linear_pair), and a problem may have two K segments with their own x, weight and
+// scales whose products are summed (w8a16.linear_sum). The chunks of a problem are those of
+// its first segment, then those of its second. Each chunk's partial sums are multiplied by
+// their segment's scales as they are added to the accumulator, so the epilogue only adds the
+// biases (and the GeLU).
+template <typename T>
+struct GemvSeg {
+  const T* x;            // [M, K] contiguous, 16-byte aligned
+  const int8_t* w;       // [N, K] contiguous, 16-byte aligned
+  const float* scales;   // [N]
+  const T* bias;         // [N] or null
+  int K;                 // 0: no such segment (or an empty reduction)
+};
+template <typename T>
+struct GemvProblem {
+  GemvSeg<T> seg[2];
+  T* y;                  // [M, N]
+  int N;
+  int gelu;
+};
+template <typename T>
+struct GemvParams {
+  GemvProblem<T> prob[2];
+  int tiles0;            // blocks of the first problem: ceil(N / 16)
+  int M;
+};
+
 template <typename T, int NT, int UNROLL>
 struct GemvRegs {
   uint4 w[UNROLL][2][2];      // [chunk][row g / g+8][half]
   uint4 x[UNROLL][NT][2][2];  // [chunk][token tile][half][16 B piece]
+  float sc[UNROLL][2];        // [chunk][row g / g+8]: the chunk's segment scales (NSEG == 2)
+};
+
+// What one thread needs of its block's problem, per segment: its two weight rows, the base
+// of x (global, or the block's shared-memory copy), its rows' scales, K.
+template <typename T, int NT, int NSEG>
+struct GemvThread {
+  const int8_t* w[NSEG][2];  // [seg][row g / g+8]
+  const T* xrow[NSEG][NT];   // [seg][token tile]: row 8j + g of x (row 0 when it does not exist)
+  bool xv[NT];               // row 8j + g exists
+  float sc[NSEG][2];         // [seg][row g / g+8] (NSEG == 2; NSEG == 1 scales at the end)
+  int K[NSEG];
+  int nch0, nchunks;         // chunks of segment 0; of all
+  bool v0, v1;               // rows g, g + 8 exist
+  int t;
 };
 
 // Loads of one round (UNROLL chunks): per chunk and half, the two weight pieces (LOAD_W), then
 // the x fragments, from global memory (XG) or from x staged in shared memory (XS); XNONE: none.
 enum GemvX { XNONE, XG, XS };
 
-template <bool LOAD_W, GemvX X, typename T, int NT, int UNROLL>
-__device__ __forceinline__ void gemv_load(GemvRegs<T, NT, UNROLL>& r, int c0, int stride, int nchunks, int K, int t,
-                                          const int8_t* w0, const int8_t* w1, bool v0, bool v1,
-                                          const T* const* xrow, const bool* xv) {
+template <bool LOAD_W, GemvX X, typename T, int NT, int UNROLL, int NSEG>
+__device__ __forceinline__ void gemv_load(GemvRegs<T, NT, UNROLL>& r, int c0, int stride,
+                                          const GemvThread<T, NT, NSEG>& th) {
   const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
     const int c = c0 + u * stride;
+    // The chunk's segment; selects, not indexing, keep th in registers.
+    const bool s = NSEG == 2 && c >= th.nch0;
+    const int K = s ? th.K[NSEG - 1] : th.K[0];
+    const int kb = (c - (s ? th.nch0 : 0)) << 7;
+    const int8_t* w0 = s ? th.w[NSEG - 1][0] : th.w[0][0];
+    const int8_t* w1 = s ? th.w[NSEG - 1][1] : th.w[0][1];
+    if constexpr (LOAD_W && NSEG == 2) {
+      r.sc[u][0] = s ? th.sc[1][0] : th.sc[0][0];
+      r.sc[u][1] = s ? th.sc[1][1] : th.sc[0][1];
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int off = (c << 7) + 64 * h + 16 * t;
-      const bool ok = c < nchunks && off < K;  // K % 16 == 0: a piece is all in or all out
+      const int off = kb + 64 * h + 16 * th.t;
+      const bool ok = c < th.nchunks && off < K;  // K % 16 == 0: a piece is all in or all out
       if constexpr (LOAD_W) {
-        r.w[u][0][h] = (ok && v0) ? ldg_stream(w0 + off) : zero;
-        r.w[u][1][h] = (ok && v1) ? ldg_stream(w1 + off) : zero;
+        r.w[u][0][h] = (ok && th.v0) ? ldg_stream(w0 + off) : zero;
+        r.w[u][1][h] = (ok && th.v1) ? ldg_stream(w1 + off) : zero;
       }
       if constexpr (X != XNONE) {
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-          const bool okx = ok && xv[j];
+          const bool okx = ok && th.xv[j];
+          const T* p = (s ? th.xrow[NSEG - 1][j] : th.xrow[0][j]) + off;
           if constexpr (X == XG) {
-            r.x[u][j][h][0] = okx ? ldg(xrow[j] + off) : zero;
-            r.x[u][j][h][1] = okx ? ldg(xrow[j] + off + 8) : zero;
+            r.x[u][j][h][0] = okx ? ldg(p) : zero;
+            r.x[u][j][h][1] = okx ? ldg(p + 8) : zero;
           } else {
-            r.x[u][j][h][0] = okx ? *reinterpret_cast<const uint4*>(xrow[j] + off) : zero;
-            r.x[u][j][h][1] = okx ? *reinterpret_cast<const uint4*>(xrow[j] + off + 8) : zero;
+            r.x[u][j][h][0] = okx ? *reinterpret_cast<const uint4*>(p) : zero;
+            r.x[u][j][h][1] = okx ? *reinterpret_cast<const uint4*>(p + 8) : zero;
           }
         }
       }
@@ -172,10 +230,20 @@ __device__ __forceinline__ void gemv_load(GemvRegs<T, NT, UNROLL>& r, int c0, in
   }
 }
 
-template <typename T, int NT, int UNROLL>
+// NSEG == 1: accumulates into acc (scaled once at the end); NSEG == 2: each chunk's partial
+// sums are scaled by their segment's scales as they are added.
+template <int NSEG, typename T, int NT, int UNROLL>
 __device__ __forceinline__ void gemv_math(const GemvRegs<T, NT, UNROLL>& r, float (&acc)[NT][4]) {
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
+    float part_[NT][4];
+    float (&part)[NT][4] = NSEG == 2 ? part_ : acc;
+    if constexpr (NSEG == 2) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) part[j][i] = 0.f;
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const uint32_t* r0 = reinterpret_cast<const uint32_t*>(&r.w[u][0][h]);
@@ -189,9 +257,16 @@ __device__ __forceinline__ void gemv_math(const GemvRegs<T, NT, UNROLL>& r, floa
         for (int j = 0; j < NT; ++j) {
           const uint32_t* xw = reinterpret_cast<const uint32_t*>(&r.x[u][j][h][0]);  // 8 words
           const uint32_t b[2] = {xw[2 * s], xw[2 * s + 1]};
-          mma16816<T>(acc[j], a, b);
+          mma16816<T>(part[j], a, b);
         }
       }
+    }
+    // C fragment rows: c0, c1 row g; c2, c3 row g + 8.
+    if constexpr (NSEG == 2) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[j][i] = fmaf(part[j][i], r.sc[u][i >> 1], acc[j][i]);
     }
   }
 }
@@ -204,59 +279,94 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// XSMEM: x [M, K] is first staged in shared memory (M * K * 2 bytes of dynamic shared memory),
-// so each block reads it from L2 once and the x fragments need registers only during the math.
-template <typename T, int NT, int WARPS, int UNROLL, bool GELU, bool XSMEM>
-__global__ void __launch_bounds__(WARPS * 32)
-    gemv_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ scales,
-                const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K) {
+// XSMEM: the problem's x (segment 0 [M, K0], then segment 1 [M, K1]) is first staged in shared
+// memory, so each block reads it from L2 once and the x fragments need registers only during
+// the math.
+// NSEG: 1 when no problem of the launch has a second segment (linear, linear_pair), else 2:
+// the per-chunk segment selection costs registers, hence occupancy.
+// Register caps without spills (sm_80, sm_90): 64 for M <= 8 with one segment (4 blocks per SM),
+// else 80 (3 blocks per SM).
+template <typename T, int NT, int WARPS, int UNROLL, bool XSMEM, int NSEG>
+__global__ void __launch_bounds__(WARPS * 32, NSEG == 2 ? 2 : NT <= 2 ? 4 : 3) gemv_kernel(const __grid_constant__ GemvParams<T> P) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * 16;
-  const bool v0 = n0 + g < N, v1 = n0 + g + 8 < N;
-  const int8_t* w0 = w + (size_t)(v0 ? n0 + g : 0) * K;
-  const int8_t* w1 = w + (size_t)(v1 ? n0 + g + 8 : 0) * K;
-  extern __shared__ __align__(16) uint8_t gemv_smem[];
-  const T* xbase = XSMEM ? reinterpret_cast<const T*>(gemv_smem) : x;
-  const T* xrow[NT];
-  bool xv[NT];
+  const bool second = blockIdx.x >= P.tiles0;
+  const GemvProblem<T>& pr = second ? P.prob[1] : P.prob[0];
+  const int N = pr.N, M = P.M;
+  const int n0 = (blockIdx.x - (second ? P.tiles0 : 0)) * 16;
+
+  const int g = lane >> 2;
+  GemvThread<T, NT, NSEG> th;
+  th.t = lane & 3;
+  th.v0 = n0 + g < N;
+  th.v1 = n0 + g + 8 < N;
 #pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    xv[j] = 8 * j + g < M;
-    xrow[j] = xbase + (size_t)(xv[j] ? 8 * j + g : 0) * K;
+  for (int j = 0; j < NT; ++j) th.xv[j] = 8 * j + g < M;
+  extern __shared__ __align__(16) uint8_t gemv_smem[];
+  const T* xs = reinterpret_cast<const T*>(gemv_smem);  // XSMEM: segment 0 [M, K0], segment 1 [M, K1]
+#pragma unroll
+  for (int s = 0; s < NSEG; ++s) {
+    const GemvSeg<T>& sg = pr.seg[s];
+    th.K[s] = sg.K;
+    th.w[s][0] = sg.w + (size_t)(th.v0 ? n0 + g : 0) * sg.K;
+    th.w[s][1] = sg.w + (size_t)(th.v1 ? n0 + g + 8 : 0) * sg.K;
+    if constexpr (NSEG == 2) {
+      th.sc[s][0] = (th.v0 && sg.K) ? sg.scales[n0 + g] : 0.f;
+      th.sc[s][1] = (th.v1 && sg.K) ? sg.scales[n0 + g + 8] : 0.f;
+    }
+    const T* xb = XSMEM ? xs : sg.x;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) th.xrow[s][j] = xb + (size_t)(th.xv[j] ? 8 * j + g : 0) * sg.K;
+    xs += (size_t)M * sg.K;
   }
+  th.nch0 = (th.K[0] + 127) >> 7;
+  th.nchunks = th.nch0;
+  if constexpr (NSEG == 2) th.nchunks += (th.K[1] + 127) >> 7;
+
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
 
-  const int nchunks = (K + 127) >> 7;
   // All UNROLL chunks' loads are issued before their math: decoding is latency-bound
   // as much as bandwidth-bound. (A register double-buffered variant, loading the next
   // round during this round's math, measured slower on H100: fewer warps fit per SM.)
   if constexpr (XSMEM) {
     GemvRegs<T, NT, UNROLL> r;
-    gemv_load<true, XNONE>(r, warp, WARPS, nchunks, K, t, w0, w1, v0, v1, xrow, xv);  // before x is staged
+    gemv_load<true, XNONE>(r, warp, WARPS, th);  // the first weights, before x is staged
     const uint32_t xs = static_cast<uint32_t>(__cvta_generic_to_shared(gemv_smem));
-    for (int i = threadIdx.x; i < M * K / 8; i += WARPS * 32) cp_async16(xs + 16 * i, x + 8 * (size_t)i, true);
+    uint32_t dst = xs;
+#pragma unroll
+    for (int s = 0; s < NSEG; ++s) {
+      const int pieces = M * th.K[s] / 8;
+      for (int i = threadIdx.x; i < pieces; i += WARPS * 32) cp_async16(dst + 16 * i, pr.seg[s].x + 8 * (size_t)i, true);
+      dst += 16 * pieces;
+    }
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-    for (int c0 = warp; c0 < nchunks; c0 += WARPS * UNROLL) {
-      if (c0 != warp) gemv_load<true, XNONE>(r, c0, WARPS, nchunks, K, t, w0, w1, v0, v1, xrow, xv);
-      gemv_load<false, XS>(r, c0, WARPS, nchunks, K, t, w0, w1, v0, v1, xrow, xv);
-      gemv_math(r, acc);
+    for (int c0 = warp; c0 < th.nchunks; c0 += WARPS * UNROLL) {
+      if (c0 != warp) gemv_load<true, XNONE>(r, c0, WARPS, th);
+      gemv_load<false, XS>(r, c0, WARPS, th);
+      gemv_math<NSEG>(r, acc);
     }
   } else {
-    // x from L2, each round's weight and x loads issued together (the loop measured in
-    // docs/kernels.md before x staging; hoisting the first round's weights ahead of x, as the
-    // staged path does, made M = 16 up to 1.5x slower on H100).
-    for (int c0 = warp; c0 < nchunks; c0 += WARPS * UNROLL) {
+    // x from L2, each round's weight and x loads issued together (hoisting the first
+    // round's weights ahead of x, as the staged path does, made M = 16 up to 1.5x slower
+    // on H100).
+    for (int c0 = warp; c0 < th.nchunks; c0 += WARPS * UNROLL) {
       GemvRegs<T, NT, UNROLL> r;
-      gemv_load<true, XG>(r, c0, WARPS, nchunks, K, t, w0, w1, v0, v1, xrow, xv);
-      gemv_math(r, acc);
+      gemv_load<true, XG>(r, c0, WARPS, th);
+      gemv_math<NSEG>(r, acc);
     }
+  }
+  if constexpr (NSEG == 1) {
+    const float* scales = pr.seg[0].scales;
+    const float sc[2] = {th.v0 ? scales[n0 + g] : 0.f, th.v1 ? scales[n0 + g + 8] : 0.f};
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[j][i] *= sc[i >> 1];
   }
 
   // Reduce the WARPS partial sums. C fragment: c0 (row g, col 2t), c1 (g, 2t+1),
@@ -267,6 +377,10 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
     for (int i = 0; i < 4; ++i) red[warp][j * 4 + i][lane] = acc[j][i];
   __syncthreads();
+  const T* b0 = pr.seg[0].bias;
+  const T* b1 = NSEG == 2 ? pr.seg[1].bias : nullptr;
+  T* y = pr.y;
+  const bool gelu = pr.gelu;
   for (int e = threadIdx.x; e < NT * 4 * 32; e += WARPS * 32) {
     const int ji = e >> 5, l = e & 31;
     float sum = 0.f;
@@ -276,8 +390,9 @@ __global__ void __launch_bounds__(WARPS * 32)
     const int n = n0 + (l >> 2) + ((i & 2) ? 8 : 0);
     const int m = 8 * j + 2 * (l & 3) + (i & 1);
     if (n < N && m < M) {
-      const float b = bias ? to_float<T>(bias[n]) : 0.f;
-      y[(size_t)m * N + n] = from_float<T>(epilogue<GELU>(sum, scales[n], b));
+      if (b0) sum += to_float<T>(b0[n]);
+      if (b1) sum += to_float<T>(b1[n]);
+      y[(size_t)m * N + n] = from_float<T>(gelu ? epilogue<true>(sum, 1.f, 0.f) : sum);
     }
   }
 }
@@ -427,48 +542,88 @@ __global__ void __launch_bounds__(GEMM_THREADS, 2)
   }
 }
 
-template <typename T, int NT, int UNROLL, bool GELU, bool XSMEM = false>
-void launch_gemv(const T* x, const int8_t* w, const float* scales, const T* bias, T* y, int M, int N, int K,
-                 cudaStream_t stream) {
+template <typename T, int NT, int UNROLL, bool XSMEM = false>
+void launch_gemv(const GemvParams<T>& p, int tiles, size_t smem, cudaStream_t stream) {
   constexpr int WARPS = 8;
-  const dim3 grid((N + 15) / 16), block(WARPS * 32);
-  const size_t smem = XSMEM ? (size_t)M * K * sizeof(T) : 0;
-  gemv_kernel<T, NT, WARPS, UNROLL, GELU, XSMEM><<<grid, block, smem, stream>>>(x, w, scales, bias, y, M, N, K);
+  const size_t bytes = XSMEM ? smem : 0;
+  if (p.prob[0].seg[1].K > 0 || p.prob[1].seg[1].K > 0)
+    gemv_kernel<T, NT, WARPS, UNROLL, XSMEM, 2><<<tiles, WARPS * 32, bytes, stream>>>(p);
+  else
+    gemv_kernel<T, NT, WARPS, UNROLL, XSMEM, 1><<<tiles, WARPS * 32, bytes, stream>>>(p);
+}
+
+// M <= 32: one gemv launch over the problems in p.
+template <typename T>
+cudaError_t launch_gemv_params(const GemvParams<T>& p, int tiles, cudaStream_t stream) {
+  const int M = p.M;
+  if (tiles == 0) return cudaSuccess;
+  size_t xbytes = 0;  // the largest problem's x, both segments
+  for (int i = 0; i < 2; ++i)
+    xbytes = std::max(xbytes, (size_t)M * (p.prob[i].seg[0].K + p.prob[i].seg[1].K) * sizeof(T));
+  // x staged in shared memory when it fits the default 48 KB (M = 1 up to K = 24576):
+  // measured on H100 at M = 1, 3-8% faster per shape than x from L2 (2 or 3 chunks per round,
+  // or 4 staged, were no better).
+  if (M <= 8 && xbytes <= 48 * 1024)
+    launch_gemv<T, 1, 2, true>(p, tiles, xbytes, stream);
+  else if (M <= 8)
+    launch_gemv<T, 1, 2>(p, tiles, 0, stream);
+  else if (M <= 16)
+    launch_gemv<T, 2, 2>(p, tiles, 0, stream);
+  else
+    launch_gemv<T, 4, 1>(p, tiles, 0, stream);
+  return cudaGetLastError();
+}
+
+template <typename T>
+GemvSeg<T> make_seg(const void* x, const int8_t* w, const float* scales, const void* bias, int K) {
+  return GemvSeg<T>{static_cast<const T*>(x), w, scales, static_cast<const T*>(bias), K};
 }
 
 template <typename T, bool GELU>
 cudaError_t launch(const void* x, const int8_t* w, const float* scales, const void* bias, void* y, int M, int N,
                    int K, cudaStream_t stream) {
-  const T* xp = static_cast<const T*>(x);
-  const T* bp = static_cast<const T*>(bias);
-  T* yp = static_cast<T*>(y);
   if (M <= 32) {
-    // x staged in shared memory when it fits the default 48 KB (M = 1 up to K = 24576):
-    // measured on H100 at M = 1, 3-8% faster per shape than x from L2 (2 or 3 chunks per round,
-    // or 4 staged, were no better).
-    if (M <= 8 && (size_t)M * K * sizeof(T) <= 48 * 1024)
-      launch_gemv<T, 1, 2, GELU, true>(xp, w, scales, bp, yp, M, N, K, stream);
-    else if (M <= 8)
-      launch_gemv<T, 1, 2, GELU>(xp, w, scales, bp, yp, M, N, K, stream);
-    else if (M <= 16)
-      launch_gemv<T, 2, 2, GELU>(xp, w, scales, bp, yp, M, N, K, stream);
-    else
-      launch_gemv<T, 4, 1, GELU>(xp, w, scales, bp, yp, M, N, K, stream);
-    return cudaGetLastError();
+    GemvParams<T> p{};
+    p.M = M;
+    p.prob[0].seg[0] = make_seg<T>(x, w, scales, bias, K);
+    p.prob[0].y = static_cast<T*>(y);
+    p.prob[0].N = N;
+    p.prob[0].gelu = GELU;
+    p.tiles0 = (N + 15) / 16;
+    return launch_gemv_params(p, p.tiles0, stream);
   }
   // The attribute is per device; setting it is cheap and allowed during capture.
   cudaError_t e =
       cudaFuncSetAttribute(gemm_kernel<T, GELU>, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM);
   if (e != cudaSuccess) return e;
   const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM);
-  gemm_kernel<T, GELU><<<grid, GEMM_THREADS, GEMM_SMEM, stream>>>(xp, w, scales, bp, yp, M, N, K);
+  gemm_kernel<T, GELU><<<grid, GEMM_THREADS, GEMM_SMEM, stream>>>(
+      static_cast<const T*>(x), w, scales, static_cast<const T*>(bias), static_cast<T*>(y), M, N, K);
   return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch2(const W8A16Linear2& a, int M, cudaStream_t stream) {
+  GemvParams<T> p{};
+  p.M = M;
+  for (int i = 0; i < 2; ++i) {
+    const int pi = a.sum ? 0 : i, si = a.sum ? i : 0;
+    p.prob[pi].seg[si] = make_seg<T>(a.x[i], a.w[i], a.scales[i], a.bias[i], a.K[i]);
+  }
+  const int nprob = a.sum ? 1 : 2;
+  int tiles = 0;
+  for (int i = 0; i < nprob; ++i) {
+    p.prob[i].y = static_cast<T*>(a.y[i]);
+    p.prob[i].N = a.N[i];
+    p.prob[i].gelu = a.gelu[i];
+    if (i == 0) p.tiles0 = (a.N[0] + 15) / 16;
+    tiles += (a.N[i] + 15) / 16;
+  }
+  return launch_gemv_params(p, tiles, stream);
 }
 
 }  // namespace
 
-// dtype_code: 0 = float16, 1 = bfloat16. bias may be null. Shapes: x [M, K], w [N, K],
-// scales [N], bias [N], y [M, N], all contiguous; K % 16 == 0.
 cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, const void* bias, void* y,
                          int M, int N, int K, int dtype_code, bool gelu, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
@@ -477,4 +632,9 @@ cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, co
                 : launch<__half, false>(x, w, scales, bias, y, M, N, K, stream);
   return gelu ? launch<__nv_bfloat16, true>(x, w, scales, bias, y, M, N, K, stream)
               : launch<__nv_bfloat16, false>(x, w, scales, bias, y, M, N, K, stream);
+}
+
+cudaError_t w8a16_linear2(const W8A16Linear2& args, int M, int dtype_code, cudaStream_t stream) {
+  if (M <= 0 || M > 32) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  return dtype_code == 0 ? launch2<__half>(args, M, stream) : launch2<__nv_bfloat16>(args, M, stream);
 }

@@ -11,16 +11,22 @@
 #include <torch/library.h>
 
 #include "decode_attention.h"
+#include "linear.h"
 
+#include <cstdint>
 #include <vector>
-
-cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, const void* bias, void* y,
-                         int M, int N, int K, int dtype_code, bool gelu, cudaStream_t stream);
 
 
 namespace {
 
 int dtype_code(at::ScalarType t) { return t == at::kHalf ? 0 : 1; }
+
+// The kernels read x and w with 16-byte vector loads: a contiguous tensor whose data starts
+// off a 16-byte boundary (a view at an odd storage offset) is copied first.
+at::Tensor contiguous16(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                   const c10::optional<at::Tensor>& bias, bool gelu) {
@@ -29,7 +35,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(K % 16 == 0 && N <= INT32_MAX && K <= INT32_MAX, "w8a16_cuda.linear: bad sizes");
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = contiguous16(x);
+  const at::Tensor wc = contiguous16(weight);
   const at::Tensor sc = scales.contiguous();
   at::Tensor bc;
   if (bias.has_value()) bc = bias->contiguous();
@@ -48,11 +55,68 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   const int64_t M = xc.numel() / K;
   TORCH_CHECK(M <= INT32_MAX, "w8a16_cuda.linear: too many rows");
   if (M == 0 || N == 0) return y;
-  const cudaError_t err = w8a16_linear(xc.data_ptr(), weight.data_ptr<int8_t>(), sc.data_ptr<float>(),
+  const cudaError_t err = w8a16_linear(xc.data_ptr(), wc.data_ptr<int8_t>(), sc.data_ptr<float>(),
                                        bc.defined() ? bc.data_ptr() : nullptr, y.data_ptr(), (int)M, (int)N, (int)K,
                                        dtype_code(x.scalar_type()), gelu, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "w8a16.linear: kernel launch failed: ", cudaGetErrorString(err));
   return y;
+}
+
+// w8a16.linear_pair (sum = false): [y1, y2], and w8a16.linear_sum (sum = true): [y]. Up to 32
+// rows both linears run in one gemv launch; above (prefill), as two GEMMs (+ an add for the sum).
+std::vector<at::Tensor> linear2(const at::Tensor& x1, const at::Tensor& w1, const at::Tensor& s1,
+                                const c10::optional<at::Tensor>& b1, const at::Tensor& x2, const at::Tensor& w2,
+                                const at::Tensor& s2, const c10::optional<at::Tensor>& b2, bool gelu1, bool gelu2,
+                                bool sum) {
+  TORCH_CHECK(x1.is_cuda() && x2.is_cuda() && w1.dim() == 2 && w2.dim() == 2 && w1.is_contiguous() &&
+                  w2.is_contiguous() && x1.scalar_type() == x2.scalar_type() &&
+                  x1.sizes().slice(0, x1.dim() - 1) == x2.sizes().slice(0, x2.dim() - 1) &&
+                  (!sum || w1.size(0) == w2.size(0)),
+              "w8a16_cuda.linear2: internal op called with unchecked arguments");
+  const c10::cuda::CUDAGuard guard(x1.device());
+  const int64_t K1 = w1.size(1), K2 = w2.size(1);
+  const int64_t M = K1 > 0 ? x1.numel() / K1 : (K2 > 0 ? x2.numel() / K2 : -1);
+  if (M < 0 || M > 32) {  // prefill (or K1 = K2 = 0): the single-linear path, twice
+    at::Tensor y1 = linear(x1, w1, s1, b1, gelu1);
+    at::Tensor y2 = linear(x2, w2, s2, b2, gelu2);
+    if (sum) return {y1.add_(y2)};
+    return {y1, y2};
+  }
+  TORCH_CHECK(K1 % 16 == 0 && K2 % 16 == 0 && K1 <= INT32_MAX && K2 <= INT32_MAX && w1.size(0) <= INT32_MAX &&
+                  w2.size(0) <= INT32_MAX,
+              "w8a16_cuda.linear2: bad sizes");
+  const at::Tensor xc[2] = {contiguous16(x1), contiguous16(x2)};
+  const at::Tensor wc[2] = {contiguous16(w1), contiguous16(w2)};
+  const at::Tensor sc[2] = {s1.contiguous(), s2.contiguous()};
+  at::Tensor bc[2];
+  if (b1.has_value()) bc[0] = b1->contiguous();
+  if (b2.has_value()) bc[1] = b2->contiguous();
+  W8A16Linear2 args;
+  std::vector<at::Tensor> out;
+  for (int i = 0; i < 2; ++i) {
+    args.x[i] = xc[i].data_ptr();
+    args.w[i] = wc[i].data_ptr<int8_t>();
+    args.scales[i] = sc[i].data_ptr<float>();
+    args.bias[i] = bc[i].defined() ? bc[i].data_ptr() : nullptr;
+    args.N[i] = (int)wc[i].size(0);
+    args.K[i] = (int)wc[i].size(1);
+    if (i == 0 || !sum) {
+      const at::Tensor& x = i ? x2 : x1;
+      std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+      shape.back() = args.N[i];
+      out.push_back(at::empty(shape, x.options()));
+      args.y[i] = out.back().data_ptr();
+    }
+  }
+  args.gelu[0] = gelu1;
+  args.gelu[1] = gelu2;
+  args.sum = sum;
+  if (M == 0) return out;
+  const cudaError_t err = w8a16_linear2(args, (int)M, dtype_code(x1.scalar_type()),
+                                        c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, sum ? "w8a16.linear_sum" : "w8a16.linear_pair", ": kernel launch failed: ",
+              cudaGetErrorString(err));
+  return out;
 }
 
 // Shared launcher of decode_attention and cache_attention (step != nullptr). q is [B, H, D]
@@ -132,6 +196,8 @@ at::Tensor cache_attention(const at::Tensor& q, const at::Tensor& k_new, const a
 
 TORCH_LIBRARY(w8a16_cuda, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias, bool gelu) -> Tensor");
+  m.def("linear2(Tensor x1, Tensor weight1, Tensor scales1, Tensor? bias1, Tensor x2, Tensor weight2, "
+        "Tensor scales2, Tensor? bias2, bool gelu1, bool gelu2, bool sum) -> Tensor[]");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor length, float scale, "
         "Tensor(a!)? scores=None) -> Tensor");
   m.def("cache_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
@@ -141,6 +207,7 @@ TORCH_LIBRARY(w8a16_cuda, m) {
 
 TORCH_LIBRARY_IMPL(w8a16_cuda, CUDA, m) {
   m.impl("linear", &linear);
+  m.impl("linear2", &linear2);
   m.impl("decode_attention", &decode_attention);
   m.impl("cache_attention", &cache_attention);
 }

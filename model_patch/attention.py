@@ -105,8 +105,16 @@ def policy_attention(attn: nn.Module, hidden_states: torch.Tensor, cos: torch.Te
         [B, T, hidden] attention output after ``dense``. The caller calls
         ``cache.advance(T)`` after the last layer.
     """
-    B, T, _ = hidden_states.shape
     qkv = attn.query_key_value(hidden_states)  # [B, T, 3 * hidden]
+    return attn.dense(policy_attention_core(attn, qkv, cos, sin, cache, layer, prefill))
+
+
+def policy_attention_core(attn: nn.Module, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          cache: KVCache, layer: int, prefill: bool) -> torch.Tensor:
+    """``policy_attention`` between the two projections: from the fused ``qkv`` [B, T, 3 * hidden]
+    (the output of ``query_key_value``) to the attention output [B, T, hidden] before ``dense``.
+    Same arguments otherwise."""
+    B, T, _ = qkv.shape
     q, k, v = split_heads(qkv, attn.config.num_attention_heads)  # [B, H, T, D]
     if prefill:
         q, k = apply_rotary(q, k, cos, sin)
@@ -117,8 +125,7 @@ def policy_attention(attn: nn.Module, hidden_states: torch.Tensor, cos: torch.Te
         # Rows share their position (no padding), so row 0's tables serve all; the cache's
         # fused decode op rotates q and k itself, reading them straight from `qkv`.
         out = cache.decode(layer, q, k, v, cos[0, 0], sin[0, 0])
-    out = out.transpose(1, 2).reshape(B, T, -1)  # [B, T, H * D]
-    return attn.dense(out)
+    return out.transpose(1, 2).reshape(B, T, -1)  # [B, T, H * D]
 
 
 def sequence_limit(cache: KVCache) -> int | None:

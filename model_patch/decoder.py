@@ -7,7 +7,10 @@
 The decoder runs its own forward over the HF model's modules (``embed_in``, the
 layer norms, ``query_key_value``/``dense`` through ``attention.policy_attention``,
 ``mlp`` as it is, ``final_layer_norm``, ``get_output_embeddings()``), so it serves
-FP16/BF16/FP32 models and W8A16-quantized ones alike.
+FP16/BF16/FP32 models and W8A16-quantized ones alike. In a W8A16 parallel-residual
+layer (every Pythia) the four linears run as two ops by default: ``w8a16.linear_pair``
+(QKV and MLP-up + GeLU) and ``w8a16.linear_sum`` (attention dense + MLP-down); see
+``Decoder(fuse=...)``.
 
 The decode step (``decode_step``) is one function, compiled once per decoder with
 ``torch.compile(mode="reduce-overhead", fullgraph=True)`` on CUDA (passed as that mode's
@@ -27,7 +30,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .attention import MAX_POSITION, policy_attention, prompt_limit, rotary_cos_sin, sequence_limit
+from .attention import (MAX_POSITION, policy_attention, policy_attention_core, prompt_limit, rotary_cos_sin,
+                        sequence_limit)
 from .kv_cache import KVCache
 from .policies import PolicySpec, make_cache, parse_policy
 
@@ -58,6 +62,15 @@ def _step_options(cuda_graphs: bool) -> dict:
     return options
 
 
+def _fusable(layer: nn.Module) -> bool:
+    """A parallel-residual layer whose four linears are W8A16 (``Decoder(fuse=True)``)."""
+    from .quant import W8A16Linear, W8A16MLP
+
+    attn = layer.attention
+    return (bool(getattr(layer, "use_parallel_residual", False)) and isinstance(layer.mlp, W8A16MLP)
+            and isinstance(attn.query_key_value, W8A16Linear) and isinstance(attn.dense, W8A16Linear))
+
+
 class Decoder:
     """Greedy generation and teacher forcing of a GPT-NeoX model through a KV-cache policy.
 
@@ -72,9 +85,17 @@ class Decoder:
         compile: compile the decode step with ``torch.compile(fullgraph=True)``;
             None (default) compiles on CUDA only, with ``mode="reduce-overhead"``
             (CUDA graphs). ``compile=True`` on CPU uses inductor's default mode.
+        fuse: in W8A16 layers with GPT-NeoX's parallel residual (every Pythia), run the
+            four linears as two ops: ``w8a16.linear_pair`` (``query_key_value`` on ln1(x) and
+            ``dense_h_to_4h`` + GeLU on ln2(x), one launch) and ``w8a16.linear_sum``
+            (``dense`` + ``dense_4h_to_h``, summed in fp32, one launch). At decode sizes
+            each launch has a fixed cost of a few microseconds, paid twice per layer
+            instead of four times. The sum is rounded once instead of after each
+            projection, so logits differ from ``fuse=False`` by rounding only.
 
     Attributes: ``model``, ``cache`` (the ``KVCache``), ``policy`` (the ``PolicySpec``),
-    ``batch_size``, ``max_len``, ``dtype``, ``device``, ``compiled``.
+    ``batch_size``, ``max_len``, ``dtype``, ``device``, ``compiled``, ``fused_layers``
+    (how many layers run the fused linears).
 
     The model must not be modified (weights swapped, re-quantized, moved) once a decoder
     is built on it: the compiled step skips the guards that would notice. Build a new
@@ -82,7 +103,7 @@ class Decoder:
     """
 
     def __init__(self, model: nn.Module, *, batch_size: int, max_len: int, kv: str | PolicySpec = "full",
-                 compile: bool | None = None):
+                 compile: bool | None = None, fuse: bool = True):
         from .quant import check_gpt_neox_model
 
         check_gpt_neox_model("Decoder", model)
@@ -113,6 +134,8 @@ class Decoder:
         self._seq_limit = sequence_limit(self.cache)
         self._prompt_limit = prompt_limit(self.cache)
         self._rope_scaling = float(getattr(self.neox.rotary_emb, "attention_scaling", 1.0))
+        self._fused = [bool(fuse) and _fusable(layer) for layer in self.neox.layers]
+        self.fused_layers = sum(self._fused)
 
         self.compiled = (self.device.type == "cuda") if compile is None else bool(compile)
         self._cuda_graphs = self.compiled and self.device.type == "cuda"
@@ -154,6 +177,9 @@ class Decoder:
         cos, sin = rotary_cos_sin(inv_freq, positions, self._rope_scaling, self.dtype)  # [1, T, R]
         x = self.neox.embed_in(input_ids)  # [B, T, hidden]
         for i, layer in enumerate(self.neox.layers):
+            if self._fused[i]:
+                x = self._fused_layer(layer, i, x, cos, sin, prefill)
+                continue
             attn = policy_attention(layer.attention, layer.input_layernorm(x), cos, sin, self.cache, i, prefill)
             if layer.use_parallel_residual:
                 # x + attn(ln1(x)) + mlp(ln2(x)), summed in HF's order
@@ -163,6 +189,19 @@ class Decoder:
                 x = layer.mlp(layer.post_attention_layernorm(attn)) + attn
         self.cache.advance(T)
         return self.neox.final_layer_norm(x)
+
+    def _fused_layer(self, layer: nn.Module, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     prefill: bool) -> torch.Tensor:
+        """x + attn(ln1(x)) + mlp(ln2(x)) of a W8A16 parallel-residual layer, in two linear ops."""
+        attn, mlp = layer.attention, layer.mlp
+        qkv_m, dense = attn.query_key_value, attn.dense
+        up, down = mlp.dense_h_to_4h, mlp.dense_4h_to_h
+        qkv, h = torch.ops.w8a16.linear_pair(
+            layer.input_layernorm(x), qkv_m.weight, qkv_m.scales, qkv_m.bias,
+            layer.post_attention_layernorm(x), up.weight, up.scales, up.bias, gelu2=True)
+        ctx = policy_attention_core(attn, qkv, cos, sin, self.cache, i, prefill)  # [B, T, hidden]
+        return torch.ops.w8a16.linear_sum(ctx, dense.weight, dense.scales, dense.bias,
+                                          h, down.weight, down.scales, down.bias) + x
 
     def _step_eager(self, tokens: torch.Tensor, targets: torch.Tensor | None):
         # The decode step. Compiled as one graph (a private copy of this code, see __init__).
@@ -351,4 +390,5 @@ class Decoder:
     def __repr__(self) -> str:
         return (f"Decoder(policy={self.policy}, batch_size={self.batch_size}, max_len={self.max_len}, "
                 f"dtype={self.dtype}, device={self.device}, compiled={self.compiled}, "
+                f"fused_layers={self.fused_layers}/{len(self._fused)}, "
                 f"cache={self.memory_bytes() / 2**20:.1f} MiB)")

@@ -58,29 +58,53 @@ def _check_capability(op: str, device: torch.device) -> None:
 
 
 def check_linear(op: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
-                 bias: torch.Tensor | None) -> None:
-    """Validate the arguments of w8a16.linear / w8a16.linear_gelu."""
-    _check_devices(op, [("x", x), ("weight", weight), ("scales", scales), ("bias", bias)])
+                 bias: torch.Tensor | None, suffix: str = "") -> None:
+    """Validate the arguments of w8a16.linear / w8a16.linear_gelu.
+
+    ``suffix`` is appended to the argument names in the messages ("x1", "weight1", ...)
+    when one op takes several linears (linear_pair, linear_sum).
+    """
+    nx, nw, ns, nb = (f"{n}{suffix}" for n in ("x", "weight", "scales", "bias"))
+    _check_devices(op, [(nx, x), (nw, weight), (ns, scales), (nb, bias)])
     allowed, allowed_txt = _act_dtypes(x.device)
     if x.dtype not in allowed:
-        _fail(op, f"x must be {allowed_txt}, got {dtype_name(x.dtype)}")
+        _fail(op, f"{nx} must be {allowed_txt}, got {dtype_name(x.dtype)}")
     if x.dim() < 1:
-        _fail(op, "x must have shape [..., K], got a 0-d tensor")
+        _fail(op, f"{nx} must have shape [..., K], got a 0-d tensor")
     if weight.dtype != torch.int8 or weight.dim() != 2:
-        _fail(op, f"weight must be int8 of shape [N, K], got {_desc(weight)}")
+        _fail(op, f"{nw} must be int8 of shape [N, K], got {_desc(weight)}")
     if not weight.is_contiguous():
-        _fail(op, f"weight must be contiguous (row-major [N, K]), got strides {list(weight.stride())}")
+        _fail(op, f"{nw} must be contiguous (row-major [N, K]), got strides {list(weight.stride())}")
     N, K = weight.shape
     if x.shape[-1] != K:
-        _fail(op, f"K mismatch: x has K={x.shape[-1]} in its last dim, weight [N, K] has K={K}")
+        _fail(op, f"K mismatch: {nx} has K={x.shape[-1]} in its last dim, {nw} [N, K] has K={K}")
     if scales.dtype != torch.float32 or scales.dim() != 1 or scales.shape[0] != N:
-        _fail(op, f"scales must be float32 of shape [{N}], got {_desc(scales)}")
+        _fail(op, f"{ns} must be float32 of shape [{N}], got {_desc(scales)}")
     if bias is not None and (bias.dtype != x.dtype or bias.dim() != 1 or bias.shape[0] != N):
-        _fail(op, f"bias must be {dtype_name(x.dtype)} of shape [{N}], got {_desc(bias)}")
+        _fail(op, f"{nb} must be {dtype_name(x.dtype)} of shape [{N}], got {_desc(bias)}")
     if x.device.type == "cuda":
         _check_capability(op, x.device)
         if K % 16 != 0:
-            _fail(op, f"K must be a multiple of 16 on CUDA, got K={K}")
+            _fail(op, f"K must be a multiple of 16 on CUDA, got K={K} ({nw})")
+
+
+def check_linear2(op: str, x1: torch.Tensor, weight1: torch.Tensor, scales1: torch.Tensor,
+                  bias1: torch.Tensor | None, x2: torch.Tensor, weight2: torch.Tensor, scales2: torch.Tensor,
+                  bias2: torch.Tensor | None, same_n: bool) -> None:
+    """Validate the arguments of w8a16.linear_pair (``same_n=False``) / w8a16.linear_sum (``True``):
+    each linear as ``check_linear``, then one device, one dtype and the same leading dims for
+    x1 and x2, and for linear_sum the same N."""
+    _check_devices(op, [("x1", x1), ("weight1", weight1), ("scales1", scales1), ("bias1", bias1),
+                        ("x2", x2), ("weight2", weight2), ("scales2", scales2), ("bias2", bias2)])
+    if x1.dtype != x2.dtype:  # before the per-linear checks, whose bias messages name x's dtype
+        _fail(op, f"x1 and x2 must have the same dtype, got {dtype_name(x1.dtype)} and {dtype_name(x2.dtype)}")
+    check_linear(op, x1, weight1, scales1, bias1, suffix="1")
+    check_linear(op, x2, weight2, scales2, bias2, suffix="2")
+    if x1.shape[:-1] != x2.shape[:-1]:
+        _fail(op, f"x1 and x2 must have the same leading dims [...], got {list(x1.shape)} and {list(x2.shape)}")
+    if same_n and weight1.shape[0] != weight2.shape[0]:
+        _fail(op, f"weight1 and weight2 must have the same N (their outputs are summed), got "
+                  f"N={weight1.shape[0]} and N={weight2.shape[0]}")
 
 
 def _check_query(op: str, q: torch.Tensor) -> tuple[int, int, int]:

@@ -12,7 +12,7 @@ import torch
 
 from . import reference
 from ._build import load_extension
-from ._checks import check_cache_attention, check_decode_attention, check_linear
+from ._checks import check_cache_attention, check_decode_attention, check_linear, check_linear2
 
 _lib = torch.library.Library("w8a16", "DEF")  # noqa: TOR901 - kept alive for the process
 _lib.define("linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias=None) -> Tensor")
@@ -57,6 +57,50 @@ for _name, _gelu in (("linear", False), ("linear_gelu", True)):
     torch.library.impl(f"w8a16::{_name}", "CUDA", lib=_lib)(_linear_cuda(_op, _gelu))
     torch.library.register_fake(f"w8a16::{_name}", lib=_lib)(_linear_fake(_op))
 
+
+
+# Two linears in one launch, for GPT-NeoX's parallel residual (x + attn(ln1(x)) + mlp(ln2(x))):
+# linear_pair runs the two input projections (query_key_value on ln1(x), dense_h_to_4h + GeLU
+# on ln2(x)), linear_sum the two output projections (attention dense + dense_4h_to_h, summed in
+# fp32). At decode sizes each W8A16 launch pays a few microseconds of fixed cost (ramp-up,
+# tail, launch gap); two launches per layer instead of four save that twice.
+_L2 = "Tensor x1, Tensor weight1, Tensor scales1, Tensor? bias1, Tensor x2, Tensor weight2, Tensor scales2, Tensor? bias2"
+_lib.define(f"linear_pair({_L2}, bool gelu1=False, bool gelu2=False) -> (Tensor, Tensor)")
+_lib.define(f"linear_sum({_L2}) -> Tensor")
+_LP, _LS = "w8a16.linear_pair", "w8a16.linear_sum"
+
+
+def _pair_impl(kind: str):
+    # kind: "cpu", "cuda" or "fake"
+    def impl(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, gelu1=False, gelu2=False):
+        check_linear2(_LP, x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, same_n=False)
+        if kind == "fake":
+            return (x1.new_empty((*x1.shape[:-1], weight1.shape[0])), x2.new_empty((*x2.shape[:-1], weight2.shape[0])))
+        if kind == "cpu":
+            return reference.linear_pair(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, gelu1, gelu2)
+        _require_kernels(_LP)
+        return torch.ops.w8a16_cuda.linear2(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2,
+                                            gelu1, gelu2, False)
+    return impl
+
+
+def _sum_impl(kind: str):
+    def impl(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2):
+        check_linear2(_LS, x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, same_n=True)
+        if kind == "fake":
+            return x1.new_empty((*x1.shape[:-1], weight1.shape[0]))
+        if kind == "cpu":
+            return reference.linear_sum(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2)
+        _require_kernels(_LS)
+        return torch.ops.w8a16_cuda.linear2(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2,
+                                            False, False, True)[0]
+    return impl
+
+
+for _name, _make in (("linear_pair", _pair_impl), ("linear_sum", _sum_impl)):
+    torch.library.impl(f"w8a16::{_name}", "CPU", lib=_lib)(_make("cpu"))
+    torch.library.impl(f"w8a16::{_name}", "CUDA", lib=_lib)(_make("cuda"))
+    torch.library.register_fake(f"w8a16::{_name}", lib=_lib)(_make("fake"))
 
 # decode_attention is one public op with an optional, mutated `scores`. Inductor
 # cannot functionalize an optional mutable argument that is None (torch 2.11-2.13:

@@ -32,6 +32,35 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     return acc.to(x.dtype)
 
 
+
+def linear_pair(x1: torch.Tensor, weight1: torch.Tensor, scales1: torch.Tensor, bias1: torch.Tensor | None,
+                x2: torch.Tensor, weight2: torch.Tensor, scales2: torch.Tensor, bias2: torch.Tensor | None,
+                gelu1: bool = False, gelu2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent linears (one kernel launch on CUDA): ``(linear(x1, ...), linear(x2, ...))``,
+    each with its own optional exact GeLU. x1 [..., K1] and x2 [..., K2] share their leading dims."""
+    return (linear(x1, weight1, scales1, bias1, gelu=gelu1), linear(x2, weight2, scales2, bias2, gelu=gelu2))
+
+
+def linear_sum(x1: torch.Tensor, weight1: torch.Tensor, scales1: torch.Tensor, bias1: torch.Tensor | None,
+               x2: torch.Tensor, weight2: torch.Tensor, scales2: torch.Tensor,
+               bias2: torch.Tensor | None) -> torch.Tensor:
+    """``y = (x1 @ weight1.T) * scales1 + bias1 + (x2 @ weight2.T) * scales2 + bias2``, all in fp32
+    with one final rounding: the two output projections of a parallel-residual block
+    (GPT-NeoX's attention ``dense`` and MLP ``dense_4h_to_h``) as one op.
+
+    x1 [..., K1], x2 [..., K2] (same leading dims and dtype); weight1 [N, K1], weight2 [N, K2]
+    int8; scales fp32 [N]; biases [N] in x's dtype or None. Returns [..., N] in x's dtype.
+
+    The CUDA op matches this up to 32 rows (one gemv launch, one rounding). Above (prefill)
+    it runs two GEMMs and adds their outputs, each rounded to x's dtype first, as the
+    unfused model does: a term beyond x's range is then inf, not cancelled.
+    """
+    acc = (x1.float() @ weight1.float().t()) * scales1.float() + (x2.float() @ weight2.float().t()) * scales2.float()
+    for b in (bias1, bias2):
+        if b is not None:
+            acc = acc + b.float()
+    return acc.to(x1.dtype)
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      length: torch.Tensor, scale: float,
                      scores: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from linear_oracle import oracle, rel_err, torch_same_precision
+
 import w8a16_ops
 from w8a16_ops import quantize_per_channel, reference
 
@@ -23,27 +25,6 @@ def make_inputs(M, N, K, dtype, device, bias=True, x_scale=1.0):
     s = (torch.rand(N, device=device) * 2e-3 + 1e-4).float()
     b = torch.randn(N, device=device).to(dtype) if bias else None
     return x, w, s, b
-
-
-def oracle(x, w, s, b, gelu):
-    """fp32 reference from the dequantized weights."""
-    y = x.float() @ (w.float() * s[:, None]).t()
-    if b is not None:
-        y = y + b.float()
-    return F.gelu(y) if gelu else y
-
-
-def torch_same_precision(x, w, s, b, gelu):
-    """What a user would write in torch at the activation precision."""
-    y = F.linear(x, w.to(x.dtype)) * s
-    if b is not None:
-        y = y + b
-    y = y.to(x.dtype)
-    return F.gelu(y) if gelu else y
-
-
-def rel_err(a, ref):
-    return ((a.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 # ----------------------------------------------------------------------------- CPU

@@ -1,0 +1,29 @@
+// Host API of csrc/linear.cu (pure CUDA, no torch headers), used by csrc/ops.cpp.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+// dtype_code: 0 = float16, 1 = bfloat16. Shapes: x [M, K], w [N, K], scales [N] fp32, bias [N]
+// (may be null), y [M, N]; all contiguous and 16-byte aligned; K % 16 == 0.
+// y = act((x @ w^T) * scales + bias), fp32 accumulation.
+cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, const void* bias, void* y,
+                         int M, int N, int K, int dtype_code, bool gelu, cudaStream_t stream);
+
+// Two linears in one gemv launch (M <= 32 rows, the same M for both; same layout rules):
+//  * sum == false (w8a16.linear_pair): y[i] = act_i((x[i] @ w[i]^T) * scales[i] + bias[i]), i = 0, 1;
+//  * sum == true (w8a16.linear_sum): y[0] = (x[0] @ w[0]^T) * scales[0] + bias[0]
+//                                          + (x[1] @ w[1]^T) * scales[1] + bias[1], N[0] == N[1],
+//    summed in fp32 and rounded once; gelu and y[1] are ignored.
+struct W8A16Linear2 {
+  const void* x[2] = {nullptr, nullptr};
+  const int8_t* w[2] = {nullptr, nullptr};
+  const float* scales[2] = {nullptr, nullptr};
+  const void* bias[2] = {nullptr, nullptr};
+  void* y[2] = {nullptr, nullptr};
+  int N[2] = {0, 0};
+  int K[2] = {0, 0};
+  bool gelu[2] = {false, false};
+  bool sum = false;
+};
+cudaError_t w8a16_linear2(const W8A16Linear2& args, int M, int dtype_code, cudaStream_t stream);
