@@ -2,13 +2,34 @@
 
 Cases: M in {1, 2, 4, 8, 16, 32, 128, 2048} x Pythia-2.8B's linears (N, K):
 qkv (7680, 2560), attn_out (2560, 2560), mlp_up (10240, 2560) as ``linear`` and as
-``linear_gelu``, mlp_down (2560, 10240), lm_head (50304, 2560). Every case is timed
-three ways, all with the layer's bias:
+``linear_gelu``, mlp_down (2560, 10240), lm_head (50304, 2560); then the two fused
+layer ops of the decoder (GPT-NeoX's parallel residual), each two of those linears:
+
+* ``layer_in``:  ``linear_pair(gelu2=True)`` = qkv on x1 and mlp_up_gelu on x2, two outputs;
+* ``layer_out``: ``linear_sum`` = attn_out on x1 plus mlp_down on x2, one summed output.
+
+Every single-linear case is timed three ways, all with the layer's bias:
 
 * ``w8a16``:  ``torch.ops.w8a16.linear`` / ``linear_gelu`` (int8 weight, fp32 scales);
 * ``fp16``:   ``F.linear(x, w_fp16, b)`` (cuBLAS), then ``F.gelu`` for the GeLU case;
 * ``dequant``: ``F.linear(x, w_int8.to(x.dtype)) * scales + b`` (gpt-fast's eager
   form: the int8 -> fp16 cast materializes the weight, then cuBLAS; scales kept in x's dtype).
+
+A fused case is timed four ways, each doing what the layer needs (layer_in: both outputs,
+GeLU on the second; layer_out: the sum of the two linears):
+
+* ``w8a16``:    the fused op, one call (``torch.ops.w8a16.linear_pair`` / ``linear_sum``);
+* ``w8a16 x2``: the two separate W8A16 calls (``linear`` + ``linear_gelu``; ``linear`` + ``linear``
+  and the add of their outputs, as the unfused model does);
+* ``fp16``:     two ``F.linear`` (+ ``F.gelu`` on the second for layer_in, + the add for layer_out);
+* ``dequant``:  the dequant recipe above, twice (+ the GeLU / the add likewise).
+
+In the table a fused case's N and K are per linear ("7680+10240" and "2560"); in the JSON
+``N`` and ``K`` are those of the equivalent single GEMM (layer_in: weights stacked along N,
+17920 x 2560; layer_out: along K, 2560 x 12800), so TFLOP/s = 2 M N K holds for every row,
+and ``N_parts`` / ``K_parts`` hold the per-linear text. On a GPU, after issue 2's bars
+(read off the single-linear shapes only), info lines give each fused op's time against
+its two separate w8a16 calls at M = 1 and 16 (JSON ``fused_info``).
 
 ("fp16" means ``--dtype``; bf16 with ``--dtype bfloat16``.)
 
@@ -23,7 +44,11 @@ Timing (why it looks like this):
   is warmed up (eager calls, then one replay) first.
 * Bytes are what the call must move: weight + scales + bias + x in + y out, each
   contender its own (fp16 weight for ``fp16``; int8 weight + scales for the others,
-  whose temporaries are not counted). The ceiling is the device-to-device copy
+  whose temporaries are not counted). A fused case counts the fused op's minimum
+  traffic for every contender, in the contender's weight format: the sum over its
+  two linears of the single-linear count, minus one output (M x N) for layer_out, whose
+  y is written once (``w8a16 x2`` counts like ``w8a16``; the unfused contenders' two
+  outputs before their add are temporaries, not counted). The ceiling is the device-to-device copy
   bandwidth measured in the same run (best of two copy methods at three sizes up to
   1 GiB, bytes read + written).
 """
@@ -58,6 +83,71 @@ class Shape:
     def op(self) -> str:
         return "linear_gelu" if self.gelu else "linear"
 
+    @property
+    def parts(self) -> tuple[Shape, ...]:
+        return (self,)
+
+    @property
+    def impls(self) -> list[str]:
+        return IMPLS
+
+    @property
+    def N_parts(self) -> str:
+        return str(self.N)
+
+    @property
+    def K_parts(self) -> str:
+        return str(self.K)
+
+
+@dataclass(frozen=True)
+class FusedShape:
+    """Two linears of one layer in one op: ``linear_pair`` (two outputs) or, ``summed``, ``linear_sum``.
+
+    ``first`` runs on x1, ``second`` on x2; their ``gelu`` flags are linear_pair's gelu1 / gelu2.
+    ``N``, ``K`` are the equivalent single GEMM's: a pair shares K (N adds up), a sum shares N
+    (K adds up).
+    """
+    name: str
+    first: Shape
+    second: Shape
+    summed: bool = False
+    gelu = False  # not a field: no single GeLU flag (see first.gelu / second.gelu)
+
+    def __post_init__(self):
+        if self.summed and (self.first.N != self.second.N or self.first.gelu or self.second.gelu):
+            raise ValueError(f"{self.name}: linear_sum needs the same N and no GeLU")
+        if not self.summed and self.first.K != self.second.K:
+            raise ValueError(f"{self.name}: a pair is benchmarked with one K")
+
+    @property
+    def op(self) -> str:
+        return "linear_sum" if self.summed else "linear_pair"
+
+    @property
+    def parts(self) -> tuple[Shape, ...]:
+        return (self.first, self.second)
+
+    @property
+    def impls(self) -> list[str]:
+        return FUSED_IMPLS
+
+    @property
+    def N(self) -> int:
+        return self.first.N if self.summed else self.first.N + self.second.N
+
+    @property
+    def K(self) -> int:
+        return self.first.K + self.second.K if self.summed else self.first.K
+
+    @property
+    def N_parts(self) -> str:
+        return str(self.N) if self.summed else f"{self.first.N}+{self.second.N}"
+
+    @property
+    def K_parts(self) -> str:
+        return f"{self.first.K}+{self.second.K}" if self.summed else str(self.K)
+
 
 SHAPES = [
     Shape("qkv", 7680, 2560),
@@ -67,11 +157,26 @@ SHAPES = [
     Shape("mlp_down", 2560, 10240),
     Shape("lm_head", 50304, 2560),
 ]
+_BY_NAME = {s.name: s for s in SHAPES}
+FUSED_SHAPES = [
+    FusedShape("layer_in", _BY_NAME["qkv"], _BY_NAME["mlp_up_gelu"]),
+    FusedShape("layer_out", _BY_NAME["attn_out"], _BY_NAME["mlp_down"], summed=True),
+]
+ALL_SHAPES = SHAPES + FUSED_SHAPES  # the default list; issue 2's bars read SHAPES only
 IMPLS = ["w8a16", "fp16", "dequant"]
+SPLIT = "w8a16 x2"  # a fused case's two separate W8A16 calls
+FUSED_IMPLS = ["w8a16", SPLIT, "fp16", "dequant"]
+FUSED_NOTE = ("fused shapes: layer_in = linear_pair(qkv on x1, mlp_up_gelu on x2, gelu2=True), layer_out = "
+              "linear_sum(attn_out on x1 + mlp_down on x2);\n"
+              "  w8a16 = the fused op, 'w8a16 x2' = the two separate w8a16 calls (+ the add for layer_out), "
+              "fp16 / dequant = two calls each (+ GeLU / add);\n"
+              "  bytes, every contender alike: both linears' weight + scales + bias + x + y in the contender's "
+              "weight format, "
+              "layer_out's y counted once (intermediate outputs are temporaries, not counted).")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
-KERNEL_FIELDS = ["shape", "op", "M", "N", "K", "impl", "us", "gb_s", "pct_copy_bw", "tflops", "speedup_vs_fp16",
-                 "bytes", "copies", "calls_per_graph"]
+KERNEL_FIELDS = ["shape", "op", "M", "N", "K", "N_parts", "K_parts", "impl", "us", "gb_s", "pct_copy_bw", "tflops",
+                 "speedup_vs_fp16", "bytes", "copies", "calls_per_graph"]
 
 
 def call_bytes(impl: str, M: int, N: int, K: int, act_bytes: int = 2) -> int:
@@ -81,6 +186,17 @@ def call_bytes(impl: str, M: int, N: int, K: int, act_bytes: int = 2) -> int:
         return act_bytes * N * K + activations
     scales = 4 * N if impl == "w8a16" else act_bytes * N
     return N * K + scales + activations
+
+
+def shape_bytes(shape: Shape | FusedShape, impl: str, M: int, act_bytes: int = 2) -> int:
+    """Bytes one call of ``impl`` on ``shape`` must move: ``call_bytes`` for a single linear; for a
+    fused shape the sum over its two linears (``w8a16 x2`` counted as ``w8a16``), less one output
+    [M, N] for linear_sum (its y is written once; every contender is counted alike)."""
+    base = "w8a16" if impl == SPLIT else impl
+    total = sum(call_bytes(base, M, p.N, p.K, act_bytes) for p in shape.parts)
+    if isinstance(shape, FusedShape) and shape.summed:
+        total -= act_bytes * M * shape.N
+    return total
 
 
 def _median_us(times_s: list[float]) -> float:
@@ -160,33 +276,51 @@ def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int = 1 << 30) ->
     return best
 
 
-def _contender(impl: str, shape: Shape, M: int, dtype: torch.dtype, device: torch.device, copies: int):
-    """``fn(i)`` for ``copies`` independent sets of tensors of one contender."""
+def _tensors(impl: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    """One linear's arguments for ``impl``: (x, w, b) for fp16, (x, q, scales, b) for the others."""
     from w8a16_ops import quantize_per_channel
 
-    N, K = shape.N, shape.K
-    sets = []
-    for _ in range(copies):
-        x = torch.randn(M, K, dtype=dtype, device=device)                  # [M, K]
-        b = torch.randn(N, dtype=dtype, device=device) * 0.1               # [N]
-        w = torch.randn(N, K, dtype=dtype, device=device) * K ** -0.5      # [N, K]
-        if impl == "fp16":
-            sets.append((x, w, b))
-        else:
-            q, s = quantize_per_channel(w)                                 # int8 [N, K], fp32 [N]
-            del w
-            sets.append((x, q, s if impl == "w8a16" else s.to(dtype), b))
-    if impl == "w8a16":
+    x = torch.randn(M, K, dtype=dtype, device=device)                  # [M, K]
+    b = torch.randn(N, dtype=dtype, device=device) * 0.1               # [N]
+    w = torch.randn(N, K, dtype=dtype, device=device) * K ** -0.5      # [N, K]
+    if impl == "fp16":
+        return x, w, b
+    q, s = quantize_per_channel(w)                                     # int8 [N, K], fp32 [N]
+    del w
+    return x, q, s if impl in ("w8a16", SPLIT) else s.to(dtype), b
+
+
+def _single_call(impl: str, shape: Shape):
+    """``f(tensors)``: one linear of ``shape`` as ``impl`` computes it."""
+    if impl in ("w8a16", SPLIT):
         op = torch.ops.w8a16.linear_gelu if shape.gelu else torch.ops.w8a16.linear
-        return lambda i: op(*sets[i])
+        return lambda t: op(*t)
     act = F.gelu if shape.gelu else (lambda y: y)
     if impl == "fp16":
-        return lambda i: act(F.linear(*sets[i]))
+        return lambda t: act(F.linear(*t))
 
-    def dequant(i):
-        x, q, s, b = sets[i]
+    def dequant(t):
+        x, q, s, b = t
         return act(F.linear(x, q.to(x.dtype)) * s + b)
     return dequant
+
+
+def _contender(impl: str, shape: Shape | FusedShape, M: int, dtype: torch.dtype, device: torch.device,
+               copies: int):
+    """``fn(i)`` for ``copies`` independent sets of tensors of one contender."""
+    sets = [tuple(_tensors(impl, M, p.N, p.K, dtype, device) for p in shape.parts) for _ in range(copies)]
+    if isinstance(shape, Shape):
+        f = _single_call(impl, shape)
+        return lambda i: f(sets[i][0])
+    if impl == "w8a16":  # the fused op
+        if shape.summed:
+            return lambda i: torch.ops.w8a16.linear_sum(*sets[i][0], *sets[i][1])
+        g1, g2 = shape.first.gelu, shape.second.gelu
+        return lambda i: torch.ops.w8a16.linear_pair(*sets[i][0], *sets[i][1], g1, g2)
+    f1, f2 = _single_call(impl, shape.first), _single_call(impl, shape.second)
+    if shape.summed:
+        return lambda i: f1(sets[i][0]) + f2(sets[i][1])
+    return lambda i: (f1(sets[i][0]), f2(sets[i][1]))
 
 
 def copies_for(nbytes: int, l2_bytes: int, l2_factor: float, device: torch.device) -> int:
@@ -195,7 +329,7 @@ def copies_for(nbytes: int, l2_bytes: int, l2_factor: float, device: torch.devic
     return max(2, min(512, math.ceil(l2_factor * l2_bytes / nbytes)))
 
 
-def run_cases(shapes: list[Shape], ms: list[int], dtype: torch.dtype, device: torch.device, timer: Timer,
+def run_cases(shapes: list[Shape | FusedShape], ms: list[int], dtype: torch.dtype, device: torch.device, timer: Timer,
               copy_gb_s: float, l2_bytes: int, l2_factor: float, progress: bool = True) -> list[dict]:
     from tqdm.auto import tqdm
 
@@ -204,21 +338,21 @@ def run_cases(shapes: list[Shape], ms: list[int], dtype: torch.dtype, device: to
     cases = [(s, m) for s in shapes for m in ms]
     for shape, M in tqdm(cases, desc="kernels", disable=not progress, leave=False):
         times = {}
-        for impl in IMPLS:
-            nbytes = call_bytes(impl, M, shape.N, shape.K, act_bytes)
+        for impl in shape.impls:
+            nbytes = shape_bytes(shape, impl, M, act_bytes)
             copies = copies_for(nbytes, l2_bytes, l2_factor, device)
             fn = _contender(impl, shape, M, dtype, device, copies)
             us, calls = timer(fn, copies)
             del fn
             times[impl] = us
-            flops = 2 * M * shape.N * shape.K
+            flops = 2 * M * sum(p.N * p.K for p in shape.parts)
             gb_s = nbytes / (us * 1e-6) / 1e9
-            rows.append(dict(shape=shape.name, op=shape.op, M=M, N=shape.N, K=shape.K, impl=impl, us=us,
-                             gb_s=gb_s, pct_copy_bw=100 * gb_s / copy_gb_s, tflops=flops / (us * 1e-6) / 1e12,
-                             bytes=nbytes, copies=copies, calls_per_graph=calls))
+            rows.append(dict(shape=shape.name, op=shape.op, M=M, N=shape.N, K=shape.K, N_parts=shape.N_parts,
+                             K_parts=shape.K_parts, impl=impl, us=us, gb_s=gb_s, pct_copy_bw=100 * gb_s / copy_gb_s,
+                             tflops=flops / (us * 1e-6) / 1e12, bytes=nbytes, copies=copies, calls_per_graph=calls))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        for r in rows[-len(IMPLS):]:
+        for r in rows[-len(shape.impls):]:
             r["speedup_vs_fp16"] = times["fp16"] / r["us"]
     return rows
 
@@ -228,15 +362,17 @@ def _gbs(v: float) -> str:
 
 
 def kernel_table(rows: list[dict]) -> str:
-    cells = [[r["shape"], r["M"], r["N"], r["K"], r["impl"], f"{r['us']:.2f}", _gbs(r["gb_s"]),
-              f"{r['pct_copy_bw']:.1f}", f"{r['tflops']:.2f}", f"{r['speedup_vs_fp16']:.2f}x"] for r in rows]
+    cells = [[r["shape"], r["M"], r.get("N_parts", r["N"]), r.get("K_parts", r["K"]), r["impl"],
+              f"{r['us']:.2f}", _gbs(r["gb_s"]), f"{r['pct_copy_bw']:.1f}", f"{r['tflops']:.2f}",
+              f"{r['speedup_vs_fp16']:.2f}x"] for r in rows]
     return tabulate(cells, headers=["shape", "M", "N", "K", "impl", "µs", "GB/s", "% copy BW", "TFLOP/s",
                                     "vs fp16"], tablefmt="github", disable_numparse=True)
 
 
 def bar_summary(rows: list[dict]) -> list[str]:
-    """Issue 2's bars, read off the rows (informative; nothing is asserted)."""
-    ours = {(r["shape"], r["M"]): r for r in rows if r["impl"] == "w8a16"}
+    """Issue 2's bars, read off the rows of the single-linear SHAPES (informative; nothing is asserted)."""
+    names = {s.name for s in SHAPES}
+    ours = {(r["shape"], r["M"]): r for r in rows if r["impl"] == "w8a16" and r["shape"] in names}
     out = []
 
     def check(desc, cases, value, target, fmt):
@@ -270,12 +406,26 @@ def bar_summary(rows: list[dict]) -> list[str]:
     return out
 
 
+def fused_summary(rows: list[dict], ms: tuple[int, ...] = (1, 16)) -> list[str]:
+    """For M in ``ms``: each fused op's time against its two separate W8A16 calls (info; no bar)."""
+    by = {(r["shape"], r["M"], r["impl"]): r for r in rows}
+    out = []
+    for s in FUSED_SHAPES:
+        for m in ms:
+            fused, split = by.get((s.name, m, "w8a16")), by.get((s.name, m, SPLIT))
+            if fused and split:
+                out.append(f"info  {s.name} ({s.op}: {s.first.name} + {s.second.name}) M={m}: fused "
+                           f"{fused['us']:.2f} µs vs {split['us']:.2f} µs for the two separate w8a16 calls "
+                           f"({split['us'] / fused['us']:.2f}x, {fused['us'] - split['us']:+.2f} µs)")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench kernels", description=__doc__.split("\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--dtype", choices=list(_DTYPES), default="float16", help="activation dtype")
     p.add_argument("--m", default=None, help=f"comma-separated M values (default {','.join(map(str, M_VALUES))})")
-    p.add_argument("--shapes", default=None, help=f"comma-separated shapes: {', '.join(s.name for s in SHAPES)}")
+    p.add_argument("--shapes", default=None, help=f"comma-separated shapes: {', '.join(s.name for s in ALL_SHAPES)}")
     p.add_argument("--quick", action="store_true",
                    help=f"fewer cases and replays: M in {QUICK_M}, 3 replays")
     p.add_argument("--replays", type=int, default=7, help="graph replays per case (median taken)")
@@ -301,14 +451,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     a = parser.parse_args(argv)
     a.ms = _int_list(parser, "--m", a.m) if a.m else (QUICK_M if a.quick else M_VALUES)
-    names = {s.name: s for s in SHAPES}
+    names = {s.name: s for s in ALL_SHAPES}
     if a.shapes:
         unknown = [n for n in a.shapes.split(",") if n.strip() not in names]
         if unknown:
             parser.error(f"--shapes: unknown shape(s) {unknown}; expected {', '.join(names)}")
         a.shape_list = [names[n.strip()] for n in a.shapes.split(",")]
     else:
-        a.shape_list = list(SHAPES)
+        a.shape_list = list(ALL_SHAPES)
     if a.quick and a.replays == 7:
         a.replays = 3
     if a.replays < 1:
@@ -335,12 +485,24 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     dtype = _DTYPES[a.dtype]
     act_bytes = torch.finfo(dtype).bits // 8
+    fused = any(isinstance(s, FusedShape) for s in a.shape_list)
     if a.dry_run:
-        cells = [[s.name, s.op, M, s.N, s.K] + [call_bytes(i, M, s.N, s.K, act_bytes) for i in IMPLS]
+        impls = FUSED_IMPLS if fused else IMPLS
+        cells = [[s.name, s.op, M, s.N_parts, s.K_parts]
+                 + [shape_bytes(s, i, M, act_bytes) if i in s.impls else "-" for i in impls]
                  for s in a.shape_list for M in a.ms]
-        print(f"# python -m bench kernels --dry_run: {len(cells)} cases x {len(IMPLS)} contenders, dtype {a.dtype}")
-        print(tabulate(cells, headers=["shape", "op", "M", "N", "K"] + [f"bytes {i}" for i in IMPLS],
+        n_fused = len(a.ms) * sum(isinstance(s, FusedShape) for s in a.shape_list)
+        n_single = len(cells) - n_fused
+        parts = ([f"{n_single} cases x {len(IMPLS)} contenders"] if n_single else []) + (
+            [f"{n_fused} fused cases x {len(FUSED_IMPLS)} contenders"] if n_fused else [])
+        what = " + ".join(parts)
+        if n_single and n_fused:
+            what += f" ({n_single * len(IMPLS) + n_fused * len(FUSED_IMPLS)} timings)"
+        print(f"# python -m bench kernels --dry_run: {what}, dtype {a.dtype}")
+        print(tabulate(cells, headers=["shape", "op", "M", "N", "K"] + [f"bytes {i}" for i in impls],
                        tablefmt="github"))
+        if fused:
+            print(FUSED_NOTE)
         return 0
     device = a.device
     import w8a16_ops  # noqa: F401  (registers the ops; builds the CUDA kernels on first use)
@@ -360,14 +522,21 @@ def main(argv: list[str] | None = None) -> int:
           f"{'timing':>18}: CPU loop, median of {a.replays}")
     rows = run_cases(a.shape_list, a.ms, dtype, device, timer, copy_gb_s, l2, a.l2_factor, not a.no_progress)
     print(kernel_table(rows))
+    if fused:
+        print(FUSED_NOTE)
     summary = bar_summary(rows) if device.type == "cuda" else []
     if summary:
-        print("\nIssue 2 bars (from the rows above; w8a16 only):")
+        print("\nIssue 2 bars (from the rows above; w8a16 only, single-linear shapes):")
         for line in summary:
+            print("  " + line)
+    fused_info = fused_summary(rows) if device.type == "cuda" else []
+    if fused_info:
+        print("\nFused layer ops (informative, no bar):")
+        for line in fused_info:
             print("  " + line)
     if a.json:
         report.write_json(a.json, {"environment": info, "copy_gb_s": copy_gb_s, "l2_bytes": l2,
                                    "dtype": a.dtype, "replays": a.replays, "l2_factor": a.l2_factor,
-                                   "rows": rows, "bars": summary})
+                                   "rows": rows, "bars": summary, "fused_info": fused_info})
         print(f"JSON written to {a.json}")
     return 0
