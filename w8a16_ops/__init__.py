@@ -4,7 +4,10 @@ Importing this package registers
 
 * ``torch.ops.w8a16.linear(x, weight, scales, bias=None)``
 * ``torch.ops.w8a16.linear_gelu(x, weight, scales, bias=None)``
+* ``torch.ops.w8a16.linear_pair(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, gelu1=False, gelu2=False)``
+* ``torch.ops.w8a16.linear_sum(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2)``
 * ``torch.ops.w8a16.decode_attention(q, k_cache, v_cache, length, scale, scores=None)``
+* ``torch.ops.w8a16.cache_attention_full(...)`` / ``cache_attention_evict(...)`` (fused cache steps)
 
 with a CPU implementation (the pure-torch reference), a fake kernel for
 torch.compile, and, when a CUDA GPU (sm_80+) is present, the CUDA kernels from
