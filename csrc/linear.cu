@@ -107,11 +107,13 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Exact (erf) GeLU, as Pythia's hidden_act="gelu".
+__device__ __forceinline__ float gelu_erf(float y) { return 0.5f * y * (1.0f + erff(y * 0.70710678118654752440f)); }
+
 template <bool GELU>
 __device__ __forceinline__ float epilogue(float acc, float scale, float bias) {
-  float y = fmaf(acc, scale, bias);
-  if (GELU) y = 0.5f * y * (1.0f + erff(y * 0.70710678118654752440f));
-  return y;
+  const float y = fmaf(acc, scale, bias);
+  return GELU ? gelu_erf(y) : y;
 }
 
 __device__ __forceinline__ uint4 ldg_stream(const void* p) {
@@ -284,8 +286,9 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // the math.
 // NSEG: 1 when no problem of the launch has a second segment (linear, linear_pair), else 2:
 // the per-chunk segment selection costs registers, hence occupancy.
-// Register caps without spills (sm_80, sm_90): 64 for M <= 8 with one segment (4 blocks per SM),
-// else 80 (3 blocks per SM).
+// Register caps (__launch_bounds__ minimum blocks per SM), with at most 16 bytes of spill on
+// sm_80 / sm_90: one segment, M <= 16: 64 registers (4 blocks); one segment, M > 16: 80 (3);
+// two segments: 128 (2; linear_sum's N = 2560 launches only 160 blocks).
 template <typename T, int NT, int WARPS, int UNROLL, bool XSMEM, int NSEG>
 __global__ void __launch_bounds__(WARPS * 32, NSEG == 2 ? 2 : NT <= 2 ? 4 : 3) gemv_kernel(const __grid_constant__ GemvParams<T> P) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -392,7 +395,7 @@ __global__ void __launch_bounds__(WARPS * 32, NSEG == 2 ? 2 : NT <= 2 ? 4 : 3) g
     if (n < N && m < M) {
       if (b0) sum += to_float<T>(b0[n]);
       if (b1) sum += to_float<T>(b1[n]);
-      y[(size_t)m * N + n] = from_float<T>(gelu ? epilogue<true>(sum, 1.f, 0.f) : sum);
+      y[(size_t)m * N + n] = from_float<T>(gelu ? gelu_erf(sum) : sum);
     }
   }
 }

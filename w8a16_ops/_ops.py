@@ -58,7 +58,6 @@ for _name, _gelu in (("linear", False), ("linear_gelu", True)):
     torch.library.register_fake(f"w8a16::{_name}", lib=_lib)(_linear_fake(_op))
 
 
-
 # Two linears in one launch, for GPT-NeoX's parallel residual (x + attn(ln1(x)) + mlp(ln2(x))):
 # linear_pair runs the two input projections (query_key_value on ln1(x), dense_h_to_4h + GeLU
 # on ln2(x)), linear_sum the two output projections (attention dense + dense_4h_to_h, summed in

@@ -23,14 +23,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     Returns:
         [..., N] in x's dtype.
     """
-    acc = x.float() @ weight.float().t()  # [..., N] fp32
-    acc = acc * scales.float()
-    if bias is not None:
-        acc = acc + bias.float()
+    acc = _affine(x, weight, scales, bias)
     if gelu:
         acc = F.gelu(acc)  # approximate="none": the erf form Pythia uses
     return acc.to(x.dtype)
 
+
+def _affine(x, weight, scales, bias):
+    """(x @ weight.T) * scales + bias in fp32, before any activation or rounding."""
+    acc = (x.float() @ weight.float().t()) * scales.float()  # [..., N]
+    return acc if bias is None else acc + bias.float()
 
 
 def linear_pair(x1: torch.Tensor, weight1: torch.Tensor, scales1: torch.Tensor, bias1: torch.Tensor | None,
@@ -55,11 +57,7 @@ def linear_sum(x1: torch.Tensor, weight1: torch.Tensor, scales1: torch.Tensor, b
     it runs two GEMMs and adds their outputs, each rounded to x's dtype first, as the
     unfused model does: a term beyond x's range is then inf, not cancelled.
     """
-    acc = (x1.float() @ weight1.float().t()) * scales1.float() + (x2.float() @ weight2.float().t()) * scales2.float()
-    for b in (bias1, bias2):
-        if b is not None:
-            acc = acc + b.float()
-    return acc.to(x1.dtype)
+    return (_affine(x1, weight1, scales1, bias1) + _affine(x2, weight2, scales2, bias2)).to(x1.dtype)
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      length: torch.Tensor, scale: float,

@@ -11,6 +11,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from attention_check import check_out
+
 import w8a16_ops  # noqa: F401  (registers the ops; builds the CUDA kernels on a GPU machine)
 from w8a16_ops import reference
 
@@ -57,17 +59,6 @@ def _oracle(q, k_cache, v_cache, n, scale):
     probs = torch.zeros(B, H, S, dtype=torch.float64, device=q.device)
     probs[..., :n] = p
     return torch.einsum("bhs,bhsd->bhd", p, v_cache[:, :, :n].double()), probs
-
-
-def _check_out(out, ref, o64, dtype):
-    """The op's error vs fp64 is at most ~2x that of the fp32 reference rounded to dtype."""
-    assert out.dtype == dtype and out.shape == o64.shape
-    assert torch.isfinite(out).all(), "non-finite output (unwritten element or NaN leak)"
-    err = (out.double() - o64).abs().max().item()
-    err_ref = (ref.double() - o64).abs().max().item()
-    assert err <= 2 * err_ref + 1e-6, f"max abs error {err:.3g} vs reference {err_ref:.3g}"
-    rel = ((out.double() - o64).norm() / o64.norm().clamp_min(1e-30)).item()
-    assert rel < (1e-2 if dtype == torch.bfloat16 else 2e-3), f"relative error {rel:.3g}"
 
 
 _TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -584,7 +575,7 @@ def _cuda_steps(pol, B, H, S, D, dtype, seen0, seens, g):
             held = (st["pos"] >= 0).sum(-1)
             assert (held == min(seen + 1, pol.budget)).all(), f"wrong number of held tokens at seen={seen}"
         o64, _ = _oracle(q.cuda(), st["k"], st["v"], min(seen + 1, S), scale)
-        _check_out(out.cpu(), out_ref, o64.cpu(), dtype)
+        check_out(out.cpu(), out_ref, o64.cpu(), dtype)
 
 
 def _policies(S):
@@ -680,7 +671,7 @@ def test_cuda_strided_qkv_views(D, B, S, policy, misaligned):
         if pol is not None:
             _compare_evict_bookkeeping(pol, s, views, ref)
         o64, _ = _oracle(q, views["k"], views["v"], min(s + 1, S), scale)
-        _check_out(out_v.cpu(), out_ref, o64.cpu(), dtype)
+        check_out(out_v.cpu(), out_ref, o64.cpu(), dtype)
 
 
 @pytest.mark.cuda
@@ -698,7 +689,7 @@ def test_cuda_full_seen_past_the_cache(dtype, B, S, extra):
     assert torch.equal(k, k0) and torch.equal(v, v0), "a token was written past the cache"
     ref = reference.cache_attention_full(q.cpu(), kn.cpu(), vn.cpu(), k0.cpu(), v0.cpu(), _seen(S + extra), D ** -0.5)
     o64, _ = _oracle(q, k0, v0, S, D ** -0.5)
-    _check_out(out.cpu(), ref, o64.cpu(), dtype)
+    check_out(out.cpu(), ref, o64.cpu(), dtype)
 
 
 @pytest.mark.cuda

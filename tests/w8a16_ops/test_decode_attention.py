@@ -7,6 +7,8 @@ import re
 import pytest
 import torch
 
+from attention_check import check_out
+
 import w8a16_ops  # noqa: F401  (registers the ops; builds the CUDA kernels on a GPU machine)
 from w8a16_ops import reference
 
@@ -64,17 +66,6 @@ def _check_scores(new, old, probs, length):
     torch.testing.assert_close(new[valid].double(), old[valid].double() + probs[valid],
                                atol=1e-5, rtol=1e-4)
     assert torch.equal(new[~valid], old[~valid]), "scores changed past length"
-
-
-def _check_out(out, ref32, o64, dtype):
-    """The kernel's error vs fp64 is at most ~2x that of the fp32 reference rounded to dtype."""
-    assert out.dtype == dtype and out.shape == o64.shape
-    assert torch.isfinite(out).all(), "non-finite output (unwritten element or NaN leak)"
-    err = (out.double() - o64).abs().max().item()
-    err_ref = (ref32.double() - o64).abs().max().item()
-    assert err <= 2 * err_ref + 1e-6, f"max abs error {err:.3g} vs reference {err_ref:.3g}"
-    rel = ((out.double() - o64).norm() / o64.norm().clamp_min(1e-30)).item()
-    assert rel < (1e-2 if dtype == torch.bfloat16 else 2e-3), f"relative error {rel:.3g}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,7 +194,7 @@ def _run_and_check(B, H, S, D, dtype, with_scores, poison_tail=True, q_k_v_lengt
     _poison_allocator(B * H * D * 2, B * H * S * 8 + (1 << 20), 64 << 20)
     out = OP(q, k, v, length, scale, scores)
     torch.cuda.synchronize()
-    _check_out(out, ref32, o64, dtype)
+    check_out(out, ref32, o64, dtype)
     if with_scores:
         _check_scores(scores, old, p64, length)
     return out
@@ -351,7 +342,7 @@ def test_cuda_graph_replay_reads_new_length(B):
         torch.cuda.synchronize()
         o64, p64 = _oracle(q, k, v, length, scale)
         ref32 = reference.decode_attention(q, k, v, length, scale)
-        _check_out(out, ref32, o64, torch.float16)
+        check_out(out, ref32, o64, torch.float16)
         _check_scores(scores, old, p64, length)
 
 
