@@ -15,8 +15,13 @@
 //    Warps of a block split K; one reduction through shared memory at the end.
 //    For M <= 8, x is staged once per block in shared memory when it fits in 48 KB
 //    (M = 1 up to K = 24576): each block then reads x from L2 once, and the x
-//    fragments take registers only during the math.
+//    fragments take registers only during the math. For 9-16 rows a block covers 32
+//    channels (two tiles share each x fragment), and on sm_90 narrow, long-K problems
+//    (linear_sum, MLP down) split K over a cluster of two blocks that reduce through
+//    distributed shared memory.
 //    Measured on H100 and rejected: split-K over blocks with a last-block reduction,
+//    at M = 16 staging x ([16, K], 80 KB at K = 2560) in shared memory (1.35x slower),
+//    clusters of 4, clusters at M = 1, split-K over blocks with a last-block reduction,
 //    register double-buffering, 16 warps per block (all slower than this); and
 //    programmatic dependent launch (load the first weights, then griddepcontrol.wait
 //    before x): 2.37 vs 2.14 ms per INT8 decode step, and the decoder's compiled and
@@ -36,7 +41,10 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <cooperative_groups.h>
+
 #include <algorithm>
+#include <climits>
 
 #include "linear.h"
 
@@ -130,13 +138,24 @@ __device__ __forceinline__ uint4 ldg(const void* p) {
 }
 
 // ---------------------------------------------------------------------------------
-// gemv: M <= 8 * NT. One block = 16 output channels x all of K; WARPS warps split K
-// in chunks of 128 (interleaved). Lane (g, t) = (lane / 4, lane % 4) loads, per chunk
-// and half h, w[row g and g + 8][kb + 64h + 16t : +16] and x[token 8j + g][same k].
-// For k16 step s of that half, its fragment's logical columns {2t, 2t+1, 2t+8, 2t+9}
-// are the actual k = base + 4s + {0, 1, 2, 3} in both operands.
+// gemv: M <= 8 * NT. One block = 16 * CT output channels x its share of K; WARPS warps
+// split that share in chunks of 128 (interleaved). Lane (g, t) = (lane / 4, lane % 4)
+// loads, per chunk and half h, w[row 16c + g and 16c + g + 8][kb + 64h + 16t : +16] for
+// each of its CT channel tiles c, and x[token 8j + g][same k]. For k16 step s of that
+// half, its fragment's logical columns {2t, 2t+1, 2t+8, 2t+9} are the actual
+// k = base + 4s + {0, 1, 2, 3} in both operands.
 //
-// One launch runs up to two problems (blocks [0, tiles0) the first, the rest the second:
+// CT = 2 (M > 8): each x fragment feeds the mmas of two channel tiles. With 16 channels a
+// block, x ([M, K] fp16, re-read from L2 by every block) moved twice the weight bytes
+// through L2 at M = 16, and the gemv was bound by L2 bandwidth, not HBM.
+//
+// KS > 1 (sm_90, thread-block clusters): the KS blocks of a cluster split the chunks of
+// one channel tile, and the first block adds the others' partial sums, read from their
+// shared memory (DSMEM) in rank order, so the result does not depend on the schedule.
+// It keeps narrow problems (N = 2560: 80 tiles of 32 channels) spread over all SMs
+// without a global workspace or a second kernel.
+//
+// One launch runs up to two problems (tiles [0, tiles0) the first, the rest the second:
 // w8a16.linear_pair), and a problem may have two K segments with their own x, weight and
 // scales whose products are summed (w8a16.linear_sum). The chunks of a problem are those of
 // its first segment, then those of its second. Each chunk's partial sums are multiplied by
@@ -160,38 +179,38 @@ struct GemvProblem {
 template <typename T>
 struct GemvParams {
   GemvProblem<T> prob[2];
-  int tiles0;            // blocks of the first problem: ceil(N / 16)
+  int tiles0;            // channel tiles of the first problem: ceil(N / (16 * CT))
   int M;
 };
 
-template <typename T, int NT, int UNROLL>
+template <typename T, int NT, int CT, int UNROLL>
 struct GemvRegs {
-  uint4 w[UNROLL][2][2];      // [chunk][row g / g+8][half]
-  uint4 x[UNROLL][NT][2][2];  // [chunk][token tile][half][16 B piece]
-  float sc[UNROLL][2];        // [chunk][row g / g+8]: the chunk's segment scales (NSEG == 2)
+  uint4 w[UNROLL][2 * CT][2];  // [chunk][row: 16c + g, 16c + g + 8][half]
+  uint4 x[UNROLL][NT][2][2];   // [chunk][token tile][half][16 B piece]
+  float sc[UNROLL][2 * CT];    // [chunk][row]: the chunk's segment scales (NSEG == 2)
 };
 
-// What one thread needs of its block's problem, per segment: its two weight rows, the base
-// of x (global, or the block's shared-memory copy), its rows' scales, K.
-template <typename T, int NT, int NSEG>
+// What one thread needs of its block's problem, per segment: its weight rows, the base of x
+// (global, or the block's shared-memory copy), its rows' scales, K.
+template <typename T, int NT, int CT, int NSEG>
 struct GemvThread {
-  const int8_t* w[NSEG][2];  // [seg][row g / g+8]
-  const T* xrow[NSEG][NT];   // [seg][token tile]: row 8j + g of x (row 0 when it does not exist)
-  bool xv[NT];               // row 8j + g exists
-  float sc[NSEG][2];         // [seg][row g / g+8] (NSEG == 2; NSEG == 1 scales at the end)
+  const int8_t* w[NSEG][2 * CT];  // [seg][row]
+  const T* xrow[NSEG][NT];        // [seg][token tile]: row 8j + g of x (row 0 when it does not exist)
+  bool xv[NT];                    // row 8j + g exists
+  float sc[NSEG][2 * CT];         // [seg][row] (NSEG == 2; NSEG == 1 scales at the end)
+  bool v[2 * CT];                 // the row exists
   int K[NSEG];
-  int nch0, nchunks;         // chunks of segment 0; of all
-  bool v0, v1;               // rows g, g + 8 exist
+  int nch0, nchunks;              // chunks of segment 0; of all
   int t;
 };
 
-// Loads of one round (UNROLL chunks): per chunk and half, the two weight pieces (LOAD_W), then
+// Loads of one round (UNROLL chunks): per chunk and half, the weight pieces (LOAD_W), then
 // the x fragments, from global memory (XG) or from x staged in shared memory (XS); XNONE: none.
 enum GemvX { XNONE, XG, XS };
 
-template <bool LOAD_W, GemvX X, typename T, int NT, int UNROLL, int NSEG>
-__device__ __forceinline__ void gemv_load(GemvRegs<T, NT, UNROLL>& r, int c0, int stride,
-                                          const GemvThread<T, NT, NSEG>& th) {
+template <bool LOAD_W, GemvX X, typename T, int NT, int CT, int UNROLL, int NSEG>
+__device__ __forceinline__ void gemv_load(GemvRegs<T, NT, CT, UNROLL>& r, int c0, int stride,
+                                          const GemvThread<T, NT, CT, NSEG>& th) {
   const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
@@ -200,19 +219,20 @@ __device__ __forceinline__ void gemv_load(GemvRegs<T, NT, UNROLL>& r, int c0, in
     const bool s = NSEG == 2 && c >= th.nch0;
     const int K = s ? th.K[NSEG - 1] : th.K[0];
     const int kb = (c - (s ? th.nch0 : 0)) << 7;
-    const int8_t* w0 = s ? th.w[NSEG - 1][0] : th.w[0][0];
-    const int8_t* w1 = s ? th.w[NSEG - 1][1] : th.w[0][1];
     if constexpr (LOAD_W && NSEG == 2) {
-      r.sc[u][0] = s ? th.sc[1][0] : th.sc[0][0];
-      r.sc[u][1] = s ? th.sc[1][1] : th.sc[0][1];
+#pragma unroll
+      for (int q = 0; q < 2 * CT; ++q) r.sc[u][q] = s ? th.sc[1][q] : th.sc[0][q];
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int off = kb + 64 * h + 16 * th.t;
       const bool ok = c < th.nchunks && off < K;  // K % 16 == 0: a piece is all in or all out
       if constexpr (LOAD_W) {
-        r.w[u][0][h] = (ok && th.v0) ? ldg_stream(w0 + off) : zero;
-        r.w[u][1][h] = (ok && th.v1) ? ldg_stream(w1 + off) : zero;
+#pragma unroll
+        for (int q = 0; q < 2 * CT; ++q) {
+          const int8_t* wq = s ? th.w[NSEG - 1][q] : th.w[0][q];
+          r.w[u][q][h] = (ok && th.v[q]) ? ldg_stream(wq + off) : zero;
+        }
       }
       if constexpr (X != XNONE) {
 #pragma unroll
@@ -234,41 +254,51 @@ __device__ __forceinline__ void gemv_load(GemvRegs<T, NT, UNROLL>& r, int c0, in
 
 // NSEG == 1: accumulates into acc (scaled once at the end); NSEG == 2: each chunk's partial
 // sums are scaled by their segment's scales as they are added.
-template <int NSEG, typename T, int NT, int UNROLL>
-__device__ __forceinline__ void gemv_math(const GemvRegs<T, NT, UNROLL>& r, float (&acc)[NT][4]) {
+template <int NSEG, typename T, int NT, int CT, int UNROLL>
+__device__ __forceinline__ void gemv_math(const GemvRegs<T, NT, CT, UNROLL>& r, float (&acc)[CT][NT][4]) {
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
-    float part_[NT][4];
-    float (&part)[NT][4] = NSEG == 2 ? part_ : acc;
+    float part_[CT][NT][4];
+    float (&part)[CT][NT][4] = NSEG == 2 ? part_ : acc;
     if constexpr (NSEG == 2) {
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
+      for (int c = 0; c < CT; ++c)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) part[j][i] = 0.f;
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) part[c][j][i] = 0.f;
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const uint32_t* r0 = reinterpret_cast<const uint32_t*>(&r.w[u][0][h]);
-      const uint32_t* r1 = reinterpret_cast<const uint32_t*>(&r.w[u][1][h]);
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
-        uint32_t a[4];
-        Dequant<T>::run(r0[s], a[0], a[2]);
-        Dequant<T>::run(r1[s], a[1], a[3]);
+        uint32_t b[NT][2];
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           const uint32_t* xw = reinterpret_cast<const uint32_t*>(&r.x[u][j][h][0]);  // 8 words
-          const uint32_t b[2] = {xw[2 * s], xw[2 * s + 1]};
-          mma16816<T>(part[j], a, b);
+          b[j][0] = xw[2 * s];
+          b[j][1] = xw[2 * s + 1];
+        }
+#pragma unroll
+        for (int c = 0; c < CT; ++c) {
+          const uint32_t* r0 = reinterpret_cast<const uint32_t*>(&r.w[u][2 * c][h]);
+          const uint32_t* r1 = reinterpret_cast<const uint32_t*>(&r.w[u][2 * c + 1][h]);
+          uint32_t a[4];
+          Dequant<T>::run(r0[s], a[0], a[2]);
+          Dequant<T>::run(r1[s], a[1], a[3]);
+#pragma unroll
+          for (int j = 0; j < NT; ++j) mma16816<T>(part[c][j], a, b[j]);
         }
       }
     }
     // C fragment rows: c0, c1 row g; c2, c3 row g + 8.
     if constexpr (NSEG == 2) {
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
+      for (int c = 0; c < CT; ++c)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[j][i] = fmaf(part[j][i], r.sc[u][i >> 1], acc[j][i]);
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[c][j][i] = fmaf(part[c][j][i], r.sc[u][2 * c + (i >> 1)], acc[c][j][i]);
     }
   }
 }
@@ -281,27 +311,42 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// Register caps (__launch_bounds__ minimum blocks per SM), with at most 16 bytes of spill on
+// sm_80 / sm_90: one segment, one channel tile, M <= 16: 64 registers (4 blocks); one segment,
+// M > 16: 80 (3); two segments or two channel tiles (M = 9-16): 128 (2).
+template <int NT, int CT, int NSEG>
+constexpr int gemv_min_blocks() {
+  return (NSEG == 2 || CT == 2) ? 2 : NT <= 2 ? 4 : 3;
+}
+
 // XSMEM: the problem's x (segment 0 [M, K0], then segment 1 [M, K1]) is first staged in shared
 // memory, so each block reads it from L2 once and the x fragments need registers only during
 // the math.
 // NSEG: 1 when no problem of the launch has a second segment (linear, linear_pair), else 2:
 // the per-chunk segment selection costs registers, hence occupancy.
-// Register caps (__launch_bounds__ minimum blocks per SM), with at most 16 bytes of spill on
-// sm_80 / sm_90: one segment, M <= 16: 64 registers (4 blocks); one segment, M > 16: 80 (3);
-// two segments: 128 (2; linear_sum's N = 2560 launches only 160 blocks).
-template <typename T, int NT, int WARPS, int UNROLL, bool XSMEM, int NSEG>
-__global__ void __launch_bounds__(WARPS * 32, NSEG == 2 ? 2 : NT <= 2 ? 4 : 3) gemv_kernel(const __grid_constant__ GemvParams<T> P) {
+// KS: blocks per cluster splitting K (1: no cluster; > 1 needs sm_90).
+template <typename T, int NT, int CT, int WARPS, int UNROLL, bool XSMEM, int NSEG, int KS>
+__global__ void __launch_bounds__(WARPS * 32, gemv_min_blocks<NT, CT, NSEG>())
+    gemv_kernel(const __grid_constant__ GemvParams<T> P) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  if constexpr (KS > 1) {  // never launched below sm_90 (the host checks)
+    __trap();
+  } else
+#endif
+  {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const bool second = blockIdx.x >= P.tiles0;
+  const int tile = blockIdx.x / KS;
+  const int rank = KS > 1 ? blockIdx.x % KS : 0;  // == the block's rank in its cluster
+  const bool second = tile >= P.tiles0;
   const GemvProblem<T>& pr = second ? P.prob[1] : P.prob[0];
   const int N = pr.N, M = P.M;
-  const int n0 = (blockIdx.x - (second ? P.tiles0 : 0)) * 16;
+  const int n0 = (tile - (second ? P.tiles0 : 0)) * 16 * CT;
 
   const int g = lane >> 2;
-  GemvThread<T, NT, NSEG> th;
+  GemvThread<T, NT, CT, NSEG> th;
   th.t = lane & 3;
-  th.v0 = n0 + g < N;
-  th.v1 = n0 + g + 8 < N;
+#pragma unroll
+  for (int q = 0; q < 2 * CT; ++q) th.v[q] = n0 + 8 * q + g < N;  // row q: channel n0 + 8q + g
 #pragma unroll
   for (int j = 0; j < NT; ++j) th.xv[j] = 8 * j + g < M;
   extern __shared__ __align__(16) uint8_t gemv_smem[];
@@ -310,11 +355,10 @@ __global__ void __launch_bounds__(WARPS * 32, NSEG == 2 ? 2 : NT <= 2 ? 4 : 3) g
   for (int s = 0; s < NSEG; ++s) {
     const GemvSeg<T>& sg = pr.seg[s];
     th.K[s] = sg.K;
-    th.w[s][0] = sg.w + (size_t)(th.v0 ? n0 + g : 0) * sg.K;
-    th.w[s][1] = sg.w + (size_t)(th.v1 ? n0 + g + 8 : 0) * sg.K;
-    if constexpr (NSEG == 2) {
-      th.sc[s][0] = (th.v0 && sg.K) ? sg.scales[n0 + g] : 0.f;
-      th.sc[s][1] = (th.v1 && sg.K) ? sg.scales[n0 + g + 8] : 0.f;
+#pragma unroll
+    for (int q = 0; q < 2 * CT; ++q) {
+      th.w[s][q] = sg.w + (size_t)(th.v[q] ? n0 + 8 * q + g : 0) * sg.K;
+      if constexpr (NSEG == 2) th.sc[s][q] = (th.v[q] && sg.K) ? sg.scales[n0 + 8 * q + g] : 0.f;
     }
     const T* xb = XSMEM ? xs : sg.x;
 #pragma unroll
@@ -325,18 +369,23 @@ __global__ void __launch_bounds__(WARPS * 32, NSEG == 2 ? 2 : NT <= 2 ? 4 : 3) g
   th.nchunks = th.nch0;
   if constexpr (NSEG == 2) th.nchunks += (th.K[1] + 127) >> 7;
 
-  float acc[NT][4];
+  float acc[CT][NT][4];
 #pragma unroll
-  for (int j = 0; j < NT; ++j)
+  for (int c = 0; c < CT; ++c)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[c][j][i] = 0.f;
 
+  // The block's warps are virtual warps rank * WARPS + warp of the cluster.
+  const int vw = rank * WARPS + warp;
+  constexpr int STRIDE = WARPS * KS;
   // All UNROLL chunks' loads are issued before their math: decoding is latency-bound
   // as much as bandwidth-bound. (A register double-buffered variant, loading the next
   // round during this round's math, measured slower on H100: fewer warps fit per SM.)
   if constexpr (XSMEM) {
-    GemvRegs<T, NT, UNROLL> r;
-    gemv_load<true, XNONE>(r, warp, WARPS, th);  // the first weights, before x is staged
+    GemvRegs<T, NT, CT, UNROLL> r;
+    gemv_load<true, XNONE>(r, vw, STRIDE, th);  // the first weights, before x is staged
     const uint32_t xs = static_cast<uint32_t>(__cvta_generic_to_shared(gemv_smem));
     uint32_t dst = xs;
 #pragma unroll
@@ -348,55 +397,87 @@ __global__ void __launch_bounds__(WARPS * 32, NSEG == 2 ? 2 : NT <= 2 ? 4 : 3) g
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-    for (int c0 = warp; c0 < th.nchunks; c0 += WARPS * UNROLL) {
-      if (c0 != warp) gemv_load<true, XNONE>(r, c0, WARPS, th);
-      gemv_load<false, XS>(r, c0, WARPS, th);
+    for (int c0 = vw; c0 < th.nchunks; c0 += STRIDE * UNROLL) {
+      if (c0 != vw) gemv_load<true, XNONE>(r, c0, STRIDE, th);
+      gemv_load<false, XS>(r, c0, STRIDE, th);
       gemv_math<NSEG>(r, acc);
     }
   } else {
     // x from L2, each round's weight and x loads issued together (hoisting the first
     // round's weights ahead of x, as the staged path does, made M = 16 up to 1.5x slower
     // on H100).
-    for (int c0 = warp; c0 < th.nchunks; c0 += WARPS * UNROLL) {
-      GemvRegs<T, NT, UNROLL> r;
-      gemv_load<true, XG>(r, c0, WARPS, th);
+    for (int c0 = vw; c0 < th.nchunks; c0 += STRIDE * UNROLL) {
+      GemvRegs<T, NT, CT, UNROLL> r;
+      gemv_load<true, XG>(r, c0, STRIDE, th);
       gemv_math<NSEG>(r, acc);
     }
   }
   if constexpr (NSEG == 1) {
     const float* scales = pr.seg[0].scales;
-    const float sc[2] = {th.v0 ? scales[n0 + g] : 0.f, th.v1 ? scales[n0 + g + 8] : 0.f};
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+    for (int c = 0; c < CT; ++c) {
+      const float sc[2] = {th.v[2 * c] ? scales[n0 + 16 * c + g] : 0.f,
+                           th.v[2 * c + 1] ? scales[n0 + 16 * c + g + 8] : 0.f};
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[j][i] *= sc[i >> 1];
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[c][j][i] *= sc[i >> 1];
+    }
   }
 
   // Reduce the WARPS partial sums. C fragment: c0 (row g, col 2t), c1 (g, 2t+1),
   // c2 (g+8, 2t), c3 (g+8, 2t+1); rows are channels, columns tokens.
-  __shared__ float red[WARPS][NT * 4][32];
+  constexpr int E = CT * NT * 4;  // accumulators per thread
+  __shared__ float red[WARPS][E][32];
 #pragma unroll
-  for (int j = 0; j < NT; ++j)
+  for (int c = 0; c < CT; ++c)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) red[warp][j * 4 + i][lane] = acc[j][i];
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[warp][(c * NT + j) * 4 + i][lane] = acc[c][j][i];
   __syncthreads();
+  __shared__ float part[KS > 1 ? E * 32 : 1];  // KS > 1: this block's sums, read by rank 0
   const T* b0 = pr.seg[0].bias;
   const T* b1 = NSEG == 2 ? pr.seg[1].bias : nullptr;
   T* y = pr.y;
   const bool gelu = pr.gelu;
-  for (int e = threadIdx.x; e < NT * 4 * 32; e += WARPS * 32) {
-    const int ji = e >> 5, l = e & 31;
-    float sum = 0.f;
-#pragma unroll
-    for (int wi = 0; wi < WARPS; ++wi) sum += red[wi][ji][l];
-    const int j = ji >> 2, i = ji & 3;
-    const int n = n0 + (l >> 2) + ((i & 2) ? 8 : 0);
+  auto store = [&](int e, float sum) {
+    const int cji = e >> 5, l = e & 31;
+    const int c = cji / (NT * 4), j = (cji >> 2) % NT, i = cji & 3;
+    const int n = n0 + 16 * c + (l >> 2) + ((i & 2) ? 8 : 0);
     const int m = 8 * j + 2 * (l & 3) + (i & 1);
     if (n < N && m < M) {
       if (b0) sum += to_float<T>(b0[n]);
       if (b1) sum += to_float<T>(b1[n]);
       y[(size_t)m * N + n] = from_float<T>(gelu ? gelu_erf(sum) : sum);
     }
+  };
+  for (int e = threadIdx.x; e < E * 32; e += WARPS * 32) {
+    float sum = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < WARPS; ++wi) sum += red[wi][e >> 5][e & 31];
+    if constexpr (KS == 1) {
+      store(e, sum);
+    } else {
+      part[e] = sum;
+    }
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (KS > 1) {
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every block's part is written
+    if (rank == 0) {
+      for (int e = threadIdx.x; e < E * 32; e += WARPS * 32) {
+        float sum = part[e];
+#pragma unroll
+        for (int r = 1; r < KS; ++r) sum += cluster.map_shared_rank(part, r)[e];
+        store(e, sum);
+      }
+    }
+    cluster.sync();  // keep every block's shared memory alive until rank 0 has read it
+  }
+#endif
   }
 }
 
@@ -545,36 +626,109 @@ __global__ void __launch_bounds__(GEMM_THREADS, 2)
   }
 }
 
-template <typename T, int NT, int UNROLL, bool XSMEM = false>
-void launch_gemv(const GemvParams<T>& p, int tiles, size_t smem, cudaStream_t stream) {
-  constexpr int WARPS = 8;
-  const size_t bytes = XSMEM ? smem : 0;
-  if (p.prob[0].seg[1].K > 0 || p.prob[1].seg[1].K > 0)
-    gemv_kernel<T, NT, WARPS, UNROLL, XSMEM, 2><<<tiles, WARPS * 32, bytes, stream>>>(p);
-  else
-    gemv_kernel<T, NT, WARPS, UNROLL, XSMEM, 1><<<tiles, WARPS * 32, bytes, stream>>>(p);
+// Device facts the gemv launch needs, cached per device (cudaDeviceGetAttribute is cheap, but
+// this runs on every decode call).
+struct GemvDevice {
+  int sms = 0;
+  bool clusters = false;  // sm_90+: thread-block clusters with distributed shared memory
+};
+
+GemvDevice gemv_device() {
+  constexpr int kMaxDevices = 64;
+  static GemvDevice cache[kMaxDevices];
+  static bool known[kMaxDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) dev = 0;
+  if (!known[dev]) {  // a benign race: every writer stores the same values
+    int sms = 0, major = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cache[dev].sms = sms > 0 ? sms : 1;
+    cache[dev].clusters = major >= 9;
+    known[dev] = true;
+  }
+  return cache[dev];
 }
 
-// M <= 32: one gemv launch over the problems in p.
+template <typename T, int NT, int CT, int UNROLL, bool XSMEM, int NSEG, int KS>
+cudaError_t launch_gemv_kernel(const GemvParams<T>& p, int tiles, size_t smem, cudaStream_t stream) {
+  constexpr int WARPS = 8;
+  auto kernel = gemv_kernel<T, NT, CT, WARPS, UNROLL, XSMEM, NSEG, KS>;
+  const size_t bytes = XSMEM ? smem : 0;
+  if constexpr (KS == 1) {
+    kernel<<<tiles, WARPS * 32, bytes, stream>>>(p);
+    return cudaSuccess;
+  } else {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(tiles * KS);
+    cfg.blockDim = dim3(WARPS * 32);
+    cfg.dynamicSmemBytes = bytes;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = KS;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, p);
+  }
+}
+
+// ks == 2 (thread-block clusters of two) is built for the 9-16-row tiles only.
+template <typename T, int NT, int CT, int UNROLL, bool XSMEM = false>
+cudaError_t launch_gemv(const GemvParams<T>& p, int tiles, int ks, size_t smem, cudaStream_t stream) {
+  const bool two = p.prob[0].seg[1].K > 0 || p.prob[1].seg[1].K > 0;
+  if constexpr (NT == 2 && CT == 2 && !XSMEM) {
+    if (ks == 2)
+      return two ? launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 2, 2>(p, tiles, smem, stream)
+                 : launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 2>(p, tiles, smem, stream);
+  }
+  return two ? launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 2, 1>(p, tiles, smem, stream)
+             : launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 1>(p, tiles, smem, stream);
+}
+
+// Cluster size at 9-16 rows: two blocks split K when the channel tiles alone would leave SMs
+// idle (fewer tiles than SMs) and K is long (>= 64 chunks of 128, 8 per warp). Measured on H100
+// at M = 16: mlp_down 17.9 -> 15.3 us, linear_sum (attn_out + mlp_down) 20.0 -> 18.9 us; with
+// K = 2560 (attn_out) or at M = 1 (x staged once per block), and with 4 blocks, it was slower.
+int gemv_splits(int M, int tiles, int chunks, const GemvDevice& d) {
+  return (d.clusters && M > 8 && M <= 16 && tiles < d.sms && chunks >= 64) ? 2 : 1;
+}
+
+// M <= 32: one gemv launch over the problems in p (prob[*].N set, tiles0 filled in here).
 template <typename T>
-cudaError_t launch_gemv_params(const GemvParams<T>& p, int tiles, cudaStream_t stream) {
+cudaError_t launch_gemv_params(GemvParams<T>& p, int nprob, cudaStream_t stream) {
   const int M = p.M;
-  if (tiles == 0) return cudaSuccess;
+  const GemvDevice dev = gemv_device();
+  // Two channel tiles a block for 9-16 rows, where x's L2 traffic matters (see gemv_kernel);
+  // at 17-32 rows the x fragments alone take 64 registers, and a second tile would spill.
+  const int ct = (M > 8 && M <= 16) ? 2 : 1;
+  int tiles = 0, chunks = INT32_MAX;
   size_t xbytes = 0;  // the largest problem's x, both segments
-  for (int i = 0; i < 2; ++i)
-    xbytes = std::max(xbytes, (size_t)M * (p.prob[i].seg[0].K + p.prob[i].seg[1].K) * sizeof(T));
+  for (int i = 0; i < nprob; ++i) {
+    const int t = (p.prob[i].N + 16 * ct - 1) / (16 * ct);
+    if (i == 0) p.tiles0 = t;
+    tiles += t;
+    const int K = p.prob[i].seg[0].K + p.prob[i].seg[1].K;
+    chunks = std::min(chunks, (p.prob[i].seg[0].K + 127) / 128 + (p.prob[i].seg[1].K + 127) / 128);
+    xbytes = std::max(xbytes, (size_t)M * K * sizeof(T));
+  }
+  if (tiles == 0) return cudaSuccess;
+  const int ks = gemv_splits(M, tiles, chunks, dev);
   // x staged in shared memory when it fits the default 48 KB (M = 1 up to K = 24576):
   // measured on H100 at M = 1, 3-8% faster per shape than x from L2 (2 or 3 chunks per round,
   // or 4 staged, were no better).
+  cudaError_t e;
   if (M <= 8 && xbytes <= 48 * 1024)
-    launch_gemv<T, 1, 2, true>(p, tiles, xbytes, stream);
+    e = launch_gemv<T, 1, 1, 2, true>(p, tiles, ks, xbytes, stream);
   else if (M <= 8)
-    launch_gemv<T, 1, 2>(p, tiles, 0, stream);
+    e = launch_gemv<T, 1, 1, 2>(p, tiles, ks, 0, stream);
   else if (M <= 16)
-    launch_gemv<T, 2, 2>(p, tiles, 0, stream);
+    e = launch_gemv<T, 2, 2, 1>(p, tiles, ks, 0, stream);
   else
-    launch_gemv<T, 4, 1>(p, tiles, 0, stream);
-  return cudaGetLastError();
+    e = launch_gemv<T, 4, 1, 1>(p, tiles, ks, 0, stream);
+  return e != cudaSuccess ? e : cudaGetLastError();
 }
 
 template <typename T>
@@ -592,8 +746,7 @@ cudaError_t launch(const void* x, const int8_t* w, const float* scales, const vo
     p.prob[0].y = static_cast<T*>(y);
     p.prob[0].N = N;
     p.prob[0].gelu = GELU;
-    p.tiles0 = (N + 15) / 16;
-    return launch_gemv_params(p, p.tiles0, stream);
+    return launch_gemv_params(p, 1, stream);
   }
   // The attribute is per device; setting it is cheap and allowed during capture.
   cudaError_t e =
@@ -614,15 +767,12 @@ cudaError_t launch2(const W8A16Linear2& a, int M, cudaStream_t stream) {
     p.prob[pi].seg[si] = make_seg<T>(a.x[i], a.w[i], a.scales[i], a.bias[i], a.K[i]);
   }
   const int nprob = a.sum ? 1 : 2;
-  int tiles = 0;
   for (int i = 0; i < nprob; ++i) {
     p.prob[i].y = static_cast<T*>(a.y[i]);
     p.prob[i].N = a.N[i];
     p.prob[i].gelu = a.gelu[i];
-    if (i == 0) p.tiles0 = (a.N[0] + 15) / 16;
-    tiles += (a.N[i] + 15) / 16;
   }
-  return launch_gemv_params(p, tiles, stream);
+  return launch_gemv_params(p, nprob, stream);
 }
 
 }  // namespace
