@@ -326,7 +326,7 @@ constexpr int gemv_min_blocks() {
 // the per-chunk segment selection costs registers, hence occupancy.
 // KS: blocks per cluster splitting K (1: no cluster; > 1 needs sm_90).
 template <typename T, int NT, int CT, int WARPS, int UNROLL, bool XSMEM, int NSEG, int KS>
-__global__ void __launch_bounds__(WARPS * 32, gemv_min_blocks<NT, CT, NSEG>())
+__global__ void __launch_bounds__(WARPS * 32, gemv_min_blocks<NT, CT, NSEG>() * 8 / WARPS)
     gemv_kernel(const __grid_constant__ GemvParams<T> P) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   if constexpr (KS > 1) {  // never launched below sm_90 (the host checks)
@@ -650,9 +650,8 @@ GemvDevice gemv_device() {
   return cache[dev];
 }
 
-template <typename T, int NT, int CT, int UNROLL, bool XSMEM, int NSEG, int KS>
+template <typename T, int NT, int CT, int UNROLL, bool XSMEM, int NSEG, int KS, int WARPS>
 cudaError_t launch_gemv_kernel(const GemvParams<T>& p, int tiles, size_t smem, cudaStream_t stream) {
-  constexpr int WARPS = 8;
   auto kernel = gemv_kernel<T, NT, CT, WARPS, UNROLL, XSMEM, NSEG, KS>;
   const size_t bytes = XSMEM ? smem : 0;
   if constexpr (KS == 1) {
@@ -675,17 +674,33 @@ cudaError_t launch_gemv_kernel(const GemvParams<T>& p, int tiles, size_t smem, c
   }
 }
 
-// ks == 2 (thread-block clusters of two) is built for the 9-16-row tiles only.
+// ks == 2 (thread-block clusters of two) is built for the 9-16-row tiles only, with 8 warps.
+// Blocks of 4 warps instead of 8 (the same registers per thread, twice the blocks per SM) when
+// the 8-warp grid would take more than one wave and the 4-warp one, at <= 8 rows, fits in one
+// (and the staged x leaves room for the doubled blocks); at 9-16 rows whenever it takes more
+// than one wave. H100: mlp_up M = 1 14.1 -> 12.8 us (640 tiles, 528 slots of 8 warps),
+// M = 16 16.1 -> 13.5 us, LM head M = 16 53.6 -> 50.3 us; with 4 warps everywhere, qkv M = 16
+// (240 tiles) took 11.8 instead of 10.3 us, the LM head at M = 8 60.7 instead of 52.1 us.
 template <typename T, int NT, int CT, int UNROLL, bool XSMEM = false>
-cudaError_t launch_gemv(const GemvParams<T>& p, int tiles, int ks, size_t smem, cudaStream_t stream) {
+cudaError_t launch_gemv(const GemvParams<T>& p, int tiles, int ks, size_t smem, cudaStream_t stream,
+                        const GemvDevice& dev) {
   const bool two = p.prob[0].seg[1].K > 0 || p.prob[1].seg[1].K > 0;
   if constexpr (NT == 2 && CT == 2 && !XSMEM) {
     if (ks == 2)
-      return two ? launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 2, 2>(p, tiles, smem, stream)
-                 : launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 2>(p, tiles, smem, stream);
+      return two ? launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 2, 2, 8>(p, tiles, smem, stream)
+                 : launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 2, 8>(p, tiles, smem, stream);
   }
-  return two ? launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 2, 1>(p, tiles, smem, stream)
-             : launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 1>(p, tiles, smem, stream);
+  if constexpr (NT <= 2) {
+    const int per_sm8 = two ? gemv_min_blocks<NT, CT, 2>() : gemv_min_blocks<NT, CT, 1>();
+    const int slots8 = per_sm8 * dev.sms;
+    constexpr size_t red4 = 4 * CT * NT * 4 * 32 * sizeof(float);  // the 4-warp reduction buffer
+    const bool room = !XSMEM || 2 * per_sm8 * ((XSMEM ? smem : 0) + red4 + 1024) <= 228 * 1024;
+    if (ks == 1 && room && tiles > slots8 && (NT == 2 || tiles <= 2 * slots8))
+      return two ? launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 2, 1, 4>(p, tiles, smem, stream)
+                 : launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 1, 4>(p, tiles, smem, stream);
+  }
+  return two ? launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 2, 1, 8>(p, tiles, smem, stream)
+             : launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 1, 8>(p, tiles, smem, stream);
 }
 
 // Cluster size at 9-16 rows: two blocks split K when the channel tiles alone would leave SMs
@@ -721,13 +736,13 @@ cudaError_t launch_gemv_params(GemvParams<T>& p, int nprob, cudaStream_t stream)
   // or 4 staged, were no better).
   cudaError_t e;
   if (M <= 8 && xbytes <= 48 * 1024)
-    e = launch_gemv<T, 1, 1, 2, true>(p, tiles, ks, xbytes, stream);
+    e = launch_gemv<T, 1, 1, 2, true>(p, tiles, ks, xbytes, stream, dev);
   else if (M <= 8)
-    e = launch_gemv<T, 1, 1, 2>(p, tiles, ks, 0, stream);
+    e = launch_gemv<T, 1, 1, 2>(p, tiles, ks, 0, stream, dev);
   else if (M <= 16)
-    e = launch_gemv<T, 2, 2, 1>(p, tiles, ks, 0, stream);
+    e = launch_gemv<T, 2, 2, 1>(p, tiles, ks, 0, stream, dev);
   else
-    e = launch_gemv<T, 4, 1, 1>(p, tiles, ks, 0, stream);
+    e = launch_gemv<T, 4, 1, 1>(p, tiles, ks, 0, stream, dev);
   return e != cudaSuccess ? e : cudaGetLastError();
 }
 
