@@ -23,7 +23,10 @@
 //   in registers for any D, and every shared-memory access of a warp is consecutive.
 //   q.k partials go through shared memory (VEC does not have to divide 32, D = 80);
 //   then every warp, one lane per token, sums them and runs the online softmax (log2
-//   domain, fp32) redundantly, which saves a barrier.
+//   domain, fp32) redundantly, which saves a barrier. Where one block holds a whole (b, h)
+//   at D = 80 (B = 16, H = 32), two tiles go through each barrier pair and softmax pass
+//   (TPI = 2): the block's time is that chain, not bandwidth (H100, B = 16, 505 slots, the
+//   decoder's fused H2O op: 39.0 -> 36.8 us).
 // * Scores need the final max and sum of the (b, h): the raw logits go to a workspace
 //   [B*H, S] fp32 as they are computed and are normalised at the end, by the block itself
 //   (NS = 1) or by the combine kernel. That costs 8 extra bytes per token, against 4*D of K+V.
@@ -306,13 +309,18 @@ __device__ void finish_eviction(const Params& p, int bh, int len, long long newe
 //   NT      threads; NT = TOKS * VEC with TOKS a power of two dividing 32.
 //   STAGES  cp.async pipeline depth (tiles of K+V in shared memory).
 //   ALIGNED q, k, v, out 16-byte aligned (cp.async); otherwise element-wise loads.
-template <typename T, int VEC, int NT, int STAGES, bool ALIGNED>
-__global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params p) {
+//   TPI     tiles per iteration: 2 runs two 32-token tiles per barrier pair and softmax pass
+//           (half the per-token latency chain of one block; used where one block holds a whole
+//           (b, h), splits == 1, at D = 80), with STAGES / 2 - 1 pairs in flight.
+template <typename T, int VEC, int NT, int STAGES, bool ALIGNED, int TPI>
+__global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_kernel(const Params p) {
   static_assert(NT % 32 == 0, "whole warps");
   constexpr int kVecDiv = VEC > 0 ? VEC : 1;  // keeps the compile-time divisions below defined
   static_assert(VEC == 0 || (NT % kVecDiv == 0 && kTile % (NT / kVecDiv) == 0), "TOKS must divide 32");
   static_assert(VEC != 0 || NT >= 256, "runtime VEC <= 32 needs TOKS >= 8");
   static_assert(STAGES >= 2, "pipeline depth");
+  static_assert(TPI == 1 || (TPI == 2 && STAGES % 2 == 0 && STAGES >= 4), "tiles per iteration");
+  constexpr int kGroups = STAGES / TPI;  // pipeline groups of TPI tiles
   constexpr int kToksStatic = VEC > 0 ? NT / kVecDiv : 0;
   constexpr int kRounds = VEC > 0 ? kTile / kToksStatic : kTile / 8;  // tokens per thread per tile
   constexpr int kCopyRounds = VEC > 0 ? (kTile * VEC + NT - 1) / NT : (kTile * 32 + NT - 1) / NT;
@@ -353,9 +361,9 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint4* s_kv = reinterpret_cast<uint4*>(smem_raw);                   // [STAGES][2][kTile*vec]
-  float* s_red = reinterpret_cast<float*>(s_kv + STAGES * 2 * kTile * vec);  // [kTile][rs]
+  float* s_red = reinterpret_cast<float*>(s_kv + STAGES * 2 * kTile * vec);  // [TPI * kTile][rs]
   float* s_fin = reinterpret_cast<float*>(smem_raw);  // [toks][D], reuses the stages at the end
-  uint16_t* s_knew = reinterpret_cast<uint16_t*>(s_red + kTile * rs);  // [D]: the new token's key
+  uint16_t* s_knew = reinterpret_cast<uint16_t*>(s_red + TPI * kTile * rs);  // [D]: the new token's key
 
   const uint16_t* kg = static_cast<const uint16_t*>(p.k) + (size_t)bh * p.S * D;
   const uint16_t* vg = static_cast<const uint16_t*>(p.v) + (size_t)bh * p.S * D;
@@ -415,9 +423,9 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
   };
 
 #pragma unroll
-  for (int st = 0; st < STAGES - 1; ++st) {
+  for (int st = 0; st < (kGroups - 1) * TPI; ++st) {
     if (st < ntiles) load_tile(st, st, false);
-    cp_async_commit();
+    if (st % TPI == TPI - 1) cp_async_commit();
   }
 
   float qf[8];
@@ -465,7 +473,7 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
     // s_q (s_red) is next written after the barrier at the top of the first tile.
     if (owner) {  // the new token's K in a tile requested above: write it now
       const int j_new = (new_slot - s0) / kTile;
-      if (j_new < STAGES - 1) {
+      if (j_new < (kGroups - 1) * TPI) {
         uint4* sk = s_kv + j_new * 2 * kTile * vec + (new_slot - s0 - j_new * kTile) * vec;
         for (int piece = tid; piece < vec; piece += NT) sk[piece] = reinterpret_cast<const uint4*>(s_knew)[piece];
       }
@@ -479,79 +487,108 @@ __global__ void __launch_bounds__(NT) decode_attention_split_kernel(const Params
   float l = 0.f;        // running sum of exp2(logit - m), identical in every thread
   float* logits_row = p.logits + (size_t)bh * p.S;
 
-  for (int j = 0; j < ntiles; ++j) {
-    cp_async_wait<STAGES - 2>();  // this thread's copies of tile j have landed
-    __syncthreads();              // everyone's have; and everyone is done with tile j - 1
-    if (j + STAGES - 1 < ntiles) load_tile(j + STAGES - 1, (j + STAGES - 1) % STAGES, true);
+  for (int j = 0; j < ntiles; j += TPI) {
+    cp_async_wait<kGroups - 2>();  // this thread's copies of tiles j .. j + TPI - 1 have landed
+    __syncthreads();               // everyone's have; and everyone is done with the previous tiles
+#pragma unroll
+    for (int tt = 0; tt < TPI; ++tt) {
+      const int jn = j + (kGroups - 1) * TPI + tt;
+      if (jn < ntiles) load_tile(jn, jn % STAGES, true);
+    }
     cp_async_commit();
-
-    const uint4* sk = s_kv + (j % STAGES) * 2 * kTile * vec;
-    const uint4* sv = sk + kTile * vec;
-    const int t0 = s0 + j * kTile;
-    const int n = min(kTile, s1 - t0);
 
     // q . k partials over this thread's 8 elements; all shared loads first, for overlap.
     // The V slices are fetched here too, so their latency hides behind the softmax.
-    uint4 kr[kRounds], vr[kRounds];
+    int n[TPI];
+    uint4 kr[TPI][kRounds], vr[TPI][kRounds];
 #pragma unroll
-    for (int r = 0; r < kRounds; ++r) {
-      const int tok = tk + r * toks;
-      const bool use = active && tok < n;  // tokens past n hold stale data: never read them
-      kr[r] = use ? lds128(sk + tok * vec + part) : make_uint4(0, 0, 0, 0);
-      vr[r] = use ? lds128(sv + tok * vec + part) : make_uint4(0, 0, 0, 0);
+    for (int tt = 0; tt < TPI; ++tt) {
+      const uint4* sk = s_kv + ((j + tt) % STAGES) * 2 * kTile * vec;
+      const uint4* sv = sk + kTile * vec;
+      n[tt] = min(kTile, s1 - (s0 + (j + tt) * kTile));  // <= 0: no such tile
+#pragma unroll
+      for (int r = 0; r < kRounds; ++r) {
+        const int tok = tk + r * toks;
+        const bool use = active && tok < n[tt];  // tokens past n hold stale data: never read them
+        kr[tt][r] = use ? lds128(sk + tok * vec + part) : make_uint4(0, 0, 0, 0);
+        vr[tt][r] = use ? lds128(sv + tok * vec + part) : make_uint4(0, 0, 0, 0);
+      }
     }
 #pragma unroll
-    for (int r = 0; r < kRounds; ++r) {
-      const int tok = tk + r * toks;
-      if (active && tok < kTile) {
-        float kf[8];
-        unpack8<T>(kr[r], kf);
-        float dot = 0.f;
+    for (int tt = 0; tt < TPI; ++tt) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) dot = fmaf(qf[i], kf[i], dot);
-        s_red[tok * rs + part] = dot;
+      for (int r = 0; r < kRounds; ++r) {
+        const int tok = tk + r * toks;
+        if (active && tok < kTile) {
+          float kf[8];
+          unpack8<T>(kr[tt][r], kf);
+          float dot = 0.f;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) dot = fmaf(qf[i], kf[i], dot);
+          s_red[(tt * kTile + tok) * rs + part] = dot;
+        }
       }
     }
     __syncthreads();
 
-    // Online softmax, redundantly in every warp: lane = token of the tile.
-    float x = -INFINITY;
-    if (lane < n) {
-      float dot = 0.f;
-      if constexpr (VEC > 0) {
+    // Online softmax, redundantly in every warp: lane = token of each tile.
+    float x[TPI];
+    float xm = -INFINITY;
 #pragma unroll
-        for (int pp = 0; pp < VEC; ++pp) dot += s_red[lane * rs + pp];
-      } else {
-        for (int pp = 0; pp < vec; ++pp) dot += s_red[lane * rs + pp];
+    for (int tt = 0; tt < TPI; ++tt) {
+      x[tt] = -INFINITY;
+      if (lane < n[tt]) {
+        const float* row = s_red + (tt * kTile + lane) * rs;
+        float dot = 0.f;
+        if constexpr (VEC > 0) {
+#pragma unroll
+          for (int pp = 0; pp < VEC; ++pp) dot += row[pp];
+        } else {
+          for (int pp = 0; pp < vec; ++pp) dot += row[pp];
+        }
+        x[tt] = dot;
       }
-      x = dot;
+      xm = fmaxf(xm, x[tt]);
     }
-    const float m_new = fmaxf(m, warp_max(x));  // finite: the tile holds >= 1 valid token
-    const float alpha = exp2f(m - m_new);       // 0 on the first tile (m = -inf)
-    const float pr = exp2f(x - m_new);          // 0 for masked lanes
-    l = l * alpha + warp_sum(pr);
-    m = m_new;
-    if (in_regs) {
-      if (j % kWarps == warp) {
+    const float m_new = fmaxf(m, warp_max(xm));  // finite: tile j holds >= 1 valid token
+    const float alpha = exp2f(m - m_new);        // 0 on the first tile (m = -inf)
+    float pr[TPI];
+    float psum = 0.f;
 #pragma unroll
-        for (int r = 0; r < kKeep; ++r)  // a select, not a branch: regs stays in registers
-          regs.lg[r] = r == j / kWarps ? x : regs.lg[r];
+    for (int tt = 0; tt < TPI; ++tt) {
+      pr[tt] = exp2f(x[tt] - m_new);  // 0 for masked lanes
+      psum += pr[tt];
+    }
+    l = l * alpha + warp_sum(psum);
+    m = m_new;
+#pragma unroll
+    for (int tt = 0; tt < TPI; ++tt) {
+      const int jt = j + tt;
+      if (in_regs) {
+        if (jt < ntiles && jt % kWarps == warp) {
+#pragma unroll
+          for (int r = 0; r < kKeep; ++r)  // a select, not a branch: regs stays in registers
+            regs.lg[r] = r == jt / kWarps ? x[tt] : regs.lg[r];
+        }
+      } else if (p.scores != nullptr && warp == 0 && lane < n[tt]) {
+        logits_row[s0 + jt * kTile + lane] = x[tt];
       }
-    } else if (p.scores != nullptr && warp == 0 && lane < n) {
-      logits_row[t0 + lane] = x;
     }
 
     // acc += p . v over this thread's tokens (zero slices for the masked ones).
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] *= alpha;
 #pragma unroll
-    for (int r = 0; r < kRounds; ++r) {
-      const int tok = tk + r * toks;
-      const float pt = __shfl_sync(0xffffffffu, pr, tok & 31);
-      float vf[8];
-      unpack8<T>(vr[r], vf);
+    for (int tt = 0; tt < TPI; ++tt) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = fmaf(pt, vf[i], acc[i]);
+      for (int r = 0; r < kRounds; ++r) {
+        const int tok = tk + r * toks;
+        const float pt = __shfl_sync(0xffffffffu, pr[tt], tok & 31);
+        float vf[8];
+        unpack8<T>(vr[tt][r], vf);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] = fmaf(pt, vf[i], acc[i]);
+      }
     }
   }
 
@@ -696,11 +733,11 @@ int sm_count(int dev) {
 }
 
 // One kernel configuration: its shared memory, its one-time setup and its launch.
-template <typename T, int VEC, int NT, int STAGES, bool ALIGNED>
+template <typename T, int VEC, int NT, int STAGES, bool ALIGNED, int TPI = 1>
 struct SplitConfig {
-  static auto kernel() { return decode_attention_split_kernel<T, VEC, NT, STAGES, ALIGNED>; }
+  static auto kernel() { return decode_attention_split_kernel<T, VEC, NT, STAGES, ALIGNED, TPI>; }
   static size_t smem_bytes(int vec) {
-    return (size_t)STAGES * 2 * kTile * vec * 16 + (size_t)kTile * (vec | 1) * 4 + (size_t)vec * 16;
+    return (size_t)STAGES * 2 * kTile * vec * 16 + (size_t)TPI * kTile * (vec | 1) * 4 + (size_t)vec * 16;
   }
   // Allow more than 48 KB of dynamic shared memory (once per device), then report how many
   // blocks fit on one multiprocessor for this vec.
@@ -734,13 +771,14 @@ struct SplitConfig {
 // Calls f(Config{}) with the kernel configuration for (T, D, alignment). The instantiated
 // head dims are Pythia's (64, 80, 128) and their neighbours; any other D % 8 == 0 runs the
 // runtime-VEC kernel, and so does every misaligned call.
+// pair: one split per (b, h); D = 80 then runs two tiles per iteration (TPI = 2).
 template <typename T, typename F>
-cudaError_t with_config(int D, bool aligned, F&& f) {
+cudaError_t with_config(int D, bool aligned, F&& f, bool pair = false) {
   if (!aligned) return f(SplitConfig<T, 0, kGenericThreads, 2, false>{});
   switch (D) {
     case 32:  return f(SplitConfig<T, 4, 128, 4, true>{});
     case 64:  return f(SplitConfig<T, 8, 128, 4, true>{});
-    case 80:  return f(SplitConfig<T, 10, 160, 4, true>{});
+    case 80:  return pair ? f(SplitConfig<T, 10, 160, 4, true, 2>{}) : f(SplitConfig<T, 10, 160, 4, true>{});
     case 96:  return f(SplitConfig<T, 12, 192, 4, true>{});
     case 128: return f(SplitConfig<T, 16, 256, 4, true>{});
     case 256: return f(SplitConfig<T, 32, 256, 3, true>{});
@@ -796,7 +834,7 @@ cudaError_t launch_typed(Params p, int B, int H, bool aligned, cudaStream_t stre
     cudaError_t e = decltype(cfg)::blocks_per_sm(current_device(), p.vec, &bpsm);
     if (e != cudaSuccess) return e;
     return decltype(cfg)::launch(p, pairs * p.splits, stream);
-  });
+  }, p.splits == 1);
   if (err != cudaSuccess || p.splits == 1) return err;
   const unsigned ny = p.scores != nullptr && p.free_slot == nullptr
                          ? (unsigned)((p.S + kScoreChunk - 1) / kScoreChunk) : 1u;
