@@ -145,9 +145,10 @@ __device__ __forceinline__ uint4 ldg(const void* p) {
 // half, its fragment's logical columns {2t, 2t+1, 2t+8, 2t+9} are the actual
 // k = base + 4s + {0, 1, 2, 3} in both operands.
 //
-// CT = 2 (M > 8): each x fragment feeds the mmas of two channel tiles. With 16 channels a
-// block, x ([M, K] fp16, re-read from L2 by every block) moved twice the weight bytes
-// through L2 at M = 16, and the gemv was bound by L2 bandwidth, not HBM.
+// CT = 2 (9-16 rows): each x fragment feeds the mmas of two channel tiles. With 16 channels a
+// block, x ([M, K] fp16, re-read from L2 by every block) moved twice the weight bytes through
+// L2 at M = 16; halving that measured ~4% faster on the wide shapes (L2 was not the main
+// bound: two tiles take 118 registers, 2 blocks of 8 warps per SM; docs/kernels.md).
 //
 // KS > 1 (sm_90, thread-block clusters): the KS blocks of a cluster split the chunks of
 // one channel tile, and the first block adds the others' partial sums, read from their
@@ -313,7 +314,8 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 // Register caps (__launch_bounds__ minimum blocks per SM), with at most 16 bytes of spill on
 // sm_80 / sm_90: one segment, one channel tile, M <= 16: 64 registers (4 blocks); one segment,
-// M > 16: 80 (3); two segments or two channel tiles (M = 9-16): 128 (2).
+// M > 16: 80 (3); two segments or two channel tiles (M = 9-16): 128 (2). Blocks of 4 warps
+// (launch_gemv) ask for twice the blocks, so that the per-thread cap stays the same.
 template <int NT, int CT, int NSEG>
 constexpr int gemv_min_blocks() {
   return (NSEG == 2 || CT == 2) ? 2 : NT <= 2 ? 4 : 3;
@@ -639,7 +641,11 @@ GemvDevice gemv_device() {
   static bool known[kMaxDevices];
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) dev = 0;
-  if (!known[dev]) {  // a benign race: every writer stores the same values
+  // Not synchronised: two first calls on different threads may both fill the entry, and a
+  // reader may see known[dev] before the entry. It then launches another valid shape (sms = 0,
+  // no clusters): same math, possibly another fp32 summation order on that call. Known, not
+  // fixed (a std::atomic word would do; it was not tested on a GPU in session 5).
+  if (!known[dev]) {
     int sms = 0, major = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
