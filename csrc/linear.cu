@@ -712,7 +712,7 @@ cudaError_t launch_gemv(const GemvParams<T>& p, int tiles, int ks, size_t smem, 
 // Cluster size at 9-16 rows: two blocks split K when the channel tiles alone would leave SMs
 // idle (fewer tiles than SMs) and K is long (>= 64 chunks of 128, 8 per warp). Measured on H100
 // at M = 16: mlp_down 17.9 -> 15.3 us, linear_sum (attn_out + mlp_down) 20.0 -> 18.9 us; with
-// K = 2560 (attn_out) or at M = 1 (x staged once per block), and with 4 blocks, it was slower.
+// K = 2560 (attn_out), at M = 1 (x staged once per block) and with clusters of 4 it was slower.
 int gemv_splits(int M, int tiles, int chunks, const GemvDevice& d) {
   return (d.clusters && M > 8 && M <= 16 && tiles < d.sms && chunks >= 64) ? 2 : 1;
 }
