@@ -315,7 +315,8 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // Register caps (__launch_bounds__ minimum blocks per SM), with at most 16 bytes of spill on
 // sm_80 / sm_90: one segment, one channel tile, M <= 16: 64 registers (4 blocks); one segment,
 // M > 16: 80 (3); two segments or two channel tiles (M = 9-16): 128 (2). Blocks of 4 warps
-// (launch_gemv) ask for twice the blocks, so that the per-thread cap stays the same.
+// (launch_gemv) ask for twice the blocks, so that the per-thread cap stays the same, except one
+// 9-16-row case that asks for 5 (96 registers; see launch_gemv).
 template <int NT, int CT, int NSEG>
 constexpr int gemv_min_blocks() {
   return (NSEG == 2 || CT == 2) ? 2 : NT <= 2 ? 4 : 3;
@@ -327,8 +328,9 @@ constexpr int gemv_min_blocks() {
 // NSEG: 1 when no problem of the launch has a second segment (linear, linear_pair), else 2:
 // the per-chunk segment selection costs registers, hence occupancy.
 // KS: blocks per cluster splitting K (1: no cluster; > 1 needs sm_90).
-template <typename T, int NT, int CT, int WARPS, int UNROLL, bool XSMEM, int NSEG, int KS>
-__global__ void __launch_bounds__(WARPS * 32, gemv_min_blocks<NT, CT, NSEG>() * 8 / WARPS)
+template <typename T, int NT, int CT, int WARPS, int UNROLL, bool XSMEM, int NSEG, int KS,
+          int MINB = gemv_min_blocks<NT, CT, NSEG>() * 8 / WARPS>
+__global__ void __launch_bounds__(WARPS * 32, MINB)
     gemv_kernel(const __grid_constant__ GemvParams<T> P) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   if constexpr (KS > 1) {  // never launched below sm_90 (the host checks)
@@ -656,9 +658,10 @@ GemvDevice gemv_device() {
   return cache[dev];
 }
 
-template <typename T, int NT, int CT, int UNROLL, bool XSMEM, int NSEG, int KS, int WARPS>
+template <typename T, int NT, int CT, int UNROLL, bool XSMEM, int NSEG, int KS, int WARPS, int MINB = 0>
 cudaError_t launch_gemv_kernel(const GemvParams<T>& p, int tiles, size_t smem, cudaStream_t stream) {
-  auto kernel = gemv_kernel<T, NT, CT, WARPS, UNROLL, XSMEM, NSEG, KS>;
+  constexpr int minb = MINB > 0 ? MINB : gemv_min_blocks<NT, CT, NSEG>() * 8 / WARPS;
+  auto kernel = gemv_kernel<T, NT, CT, WARPS, UNROLL, XSMEM, NSEG, KS, minb>;
   const size_t bytes = XSMEM ? smem : 0;
   if constexpr (KS == 1) {
     kernel<<<tiles, WARPS * 32, bytes, stream>>>(p);
@@ -695,6 +698,14 @@ cudaError_t launch_gemv(const GemvParams<T>& p, int tiles, int ks, size_t smem, 
     if (ks == 2)
       return two ? launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 2, 2, 8>(p, tiles, smem, stream)
                  : launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 2, 8>(p, tiles, smem, stream);
+    // 9-16 rows, one segment (linear_pair's QKV + MLP-up at M = 16: 560 tiles, 1.06 waves of
+    // 4-warp blocks at 4 per SM): capping registers at 96 fits 5 blocks per SM (4 bytes of spill
+    // on sm_90), one wave. H100, M = 16: layer_in 24.2 -> 20.8 us, decode step at batch 16
+    // 4.00 -> 3.89 ms. Only where it saves a wave: the LM head (1572 tiles, 2.98 -> 2.38 waves)
+    // went 50.0 -> 53.7 us, and linear_sum (two segments, more spill) was slower in every
+    // cluster / warp / cap combination tried.
+    if (ks == 1 && !two && tiles > 4 * dev.sms && tiles <= 5 * dev.sms)
+      return launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 1, 4, 5>(p, tiles, smem, stream);
   }
   if constexpr (NT <= 2) {
     const int per_sm8 = two ? gemv_min_blocks<NT, CT, 2>() : gemv_min_blocks<NT, CT, 1>();
