@@ -18,7 +18,9 @@
 //    fragments take registers only during the math. For 9-16 rows a block covers 32
 //    channels (two tiles share each x fragment), and on sm_90 narrow, long-K problems
 //    (linear_sum, MLP down) split K over a cluster of two blocks that reduce through
-//    distributed shared memory.
+//    distributed shared memory. linear_sum_norm (opt-in) adds the residual and the next layer's two
+//    layer norms in a tail of the same launch (gemv_norm_tail); measured ~1% slower per decode step
+//    on H100 than the separate inductor norm kernel, see docs/kernels.md.
 //    Measured on H100 and rejected: split-K over blocks with a last-block reduction,
 //    at M = 16 staging x ([16, K], 80 KB at K = 2560) in shared memory (1.35x slower),
 //    clusters of 4, clusters at M = 1, split-K over blocks with a last-block reduction,
@@ -177,11 +179,23 @@ struct GemvProblem {
   int N;
   int gelu;
 };
+// linear_sum_norm (one problem, two segments): y = residual + the sum, then two layer norms of
+// y's rows (gemv_norm_tail). residual == nullptr: off.
+template <typename T>
+struct GemvNorm {
+  const T* residual;     // [M, N]
+  const T* w[2];         // [N] each
+  const T* b[2];
+  T* y[2];               // [M, N] each
+  float eps;
+  int* ws;               // [0]: arrivals, [1]: finished waiters (zero between calls); [4...]: partials
+};
 template <typename T>
 struct GemvParams {
   GemvProblem<T> prob[2];
   int tiles0;            // channel tiles of the first problem: ceil(N / (16 * CT))
   int M;
+  GemvNorm<T> norm;
 };
 
 template <typename T, int NT, int CT, int UNROLL>
@@ -322,14 +336,173 @@ constexpr int gemv_min_blocks() {
   return (NSEG == 2 || CT == 2) ? 2 : NT <= 2 ? 4 : 3;
 }
 
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Chan et al.'s merge of two (count, mean, M2) summaries; the order of the merges is fixed by
+// the callers, so the result does not depend on the schedule.
+__device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {
+  const float tot = n + nb;
+  if (tot == 0.f) return;
+  const float d = meanb - mean;
+  const float f = nb / tot;
+  mean = fmaf(d, f, mean);
+  m2 += m2b + d * d * n * f;
+  n = tot;
+}
+
+// linear_sum_norm, after a rank-0 block has stored its tile of y = residual + sum (its rounded
+// values also in vals[channel][token], channel < nch): the block writes its per-row (mean, M2)
+// over its channels to the workspace and counts itself in. The last W = min(M, tiles) blocks to
+// arrive wait for the rest (they can: every block ahead of them is running or done, and waiting
+// blocks hold at most W <= 32 slots) and then normalise rows j, j + W, ... (j: their arrival
+// rank among the W), with the mean and variance merged from every tile's partials in tile
+// order. The last waiter to finish puts the two counters back to zero. No host sync, no second
+// kernel, deterministic.
+template <typename T, int NTOK>
+__device__ void gemv_norm_tail(const GemvNorm<T>& nm, const T* y, const float* vals, int tile, int tiles, int n0,
+                               int nch, int tile_ch, int M, int N) {
+  int* ws = nm.ws;
+  float* part = reinterpret_cast<float*>(ws + 4);  // [tile][32][2]: mean, M2 over the tile's channels
+  __syncthreads();  // vals complete
+  {  // one warp a row: lane c holds channel c (nch <= 32), fixed shuffle trees, lane 0 writes
+    const int lane = threadIdx.x & 31;
+    for (int m = threadIdx.x >> 5; m < M; m += blockDim.x >> 5) {
+      const float v = lane < nch ? vals[lane * NTOK + m] : 0.f;
+      float sum = v;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, o);
+      const float mean = __shfl_sync(0xffffffffu, sum, 0) / nch;
+      const float d = lane < nch ? v - mean : 0.f;
+      float m2 = d * d;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m2 += __shfl_down_sync(0xffffffffu, m2, o);
+      if (lane == 0) {
+        part[(tile * 32 + m) * 2] = mean;
+        part[(tile * 32 + m) * 2 + 1] = m2;
+      }
+    }
+  }
+  __syncthreads();  // the block's y stores and partials, then one fence (cumulative) and the arrival
+  __shared__ int arrival;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    arrival = atomicAdd(ws, 1);
+  }
+  __syncthreads();
+  const int W = min(M, tiles);
+  const int j = arrival - (tiles - W);
+  if (j < 0) return;
+  if (threadIdx.x == 0) {
+    // Bounded (> 2 s): a workspace whose counters were not zero, or one shared by two launches
+    // running at once, ends in a launch error instead of a hang.
+    for (long long spins = 0; ld_acquire(ws) < tiles; ++spins) {
+      if (spins > (1ll << 25)) __trap();
+      __nanosleep(64);
+    }
+  }
+  __syncthreads();
+  __threadfence();
+  __shared__ float stat[2];
+  // Partials staged in shared memory (their loads all in flight at once), merged by warp 0.
+  __shared__ float pst[2][256];
+  const T* w0 = nm.w[0];
+  const T* w1 = nm.w[1];
+  const T* c0 = nm.b[0];
+  const T* c1 = nm.b[1];
+  for (int m = j; m < M; m += W) {
+    float n = 0.f, mean = 0.f, m2 = 0.f;
+    for (int t0 = 0; t0 < tiles; t0 += 256) {
+      const int nt = min(256, tiles - t0);
+      for (int t = threadIdx.x; t < nt; t += blockDim.x) {
+        pst[0][t] = __ldcg(part + ((t0 + t) * 32 + m) * 2);
+        pst[1][t] = __ldcg(part + ((t0 + t) * 32 + m) * 2 + 1);
+      }
+      __syncthreads();
+      if (threadIdx.x < 32) {
+        for (int t = threadIdx.x; t < nt; t += 32)
+          chan_merge(n, mean, m2, (float)min(tile_ch, N - (t0 + t) * tile_ch), pst[0][t], pst[1][t]);
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {  // lane l merges lane l + o's (fixed tree; lane 0's result is used)
+        const float n2 = __shfl_down_sync(0xffffffffu, n, o);
+        const float mean2 = __shfl_down_sync(0xffffffffu, mean, o);
+        const float m22 = __shfl_down_sync(0xffffffffu, m2, o);
+        if (lane + o < 32) chan_merge(n, mean, m2, n2, mean2, m22);
+      }
+      if (lane == 0) {
+        stat[0] = mean;
+        stat[1] = rsqrtf(fmaxf(m2 / (float)N, 0.f) + nm.eps);
+      }
+    }
+    __syncthreads();
+    const float mu = stat[0], rstd = stat[1];
+    const T* yr = y + (size_t)m * N;
+    T* o0 = nm.y[0] + (size_t)m * N;
+    T* o1 = nm.y[1] + (size_t)m * N;
+    const bool vec = N % 8 == 0 && ((reinterpret_cast<uintptr_t>(yr) | reinterpret_cast<uintptr_t>(o0) |
+                                     reinterpret_cast<uintptr_t>(o1) | reinterpret_cast<uintptr_t>(w0) |
+                                     reinterpret_cast<uintptr_t>(w1) | reinterpret_cast<uintptr_t>(c0) |
+                                     reinterpret_cast<uintptr_t>(c1)) & 15) == 0;
+    if (vec) {  // 8 channels a thread per pass, every load of a pass issued before the math
+      for (int v = threadIdx.x; v < N / 8; v += blockDim.x) {
+        const uint4 yv = __ldcg(reinterpret_cast<const uint4*>(yr) + v);
+        const uint4 g0 = __ldg(reinterpret_cast<const uint4*>(w0) + v);
+        const uint4 g1 = __ldg(reinterpret_cast<const uint4*>(w1) + v);
+        const uint4 b0 = __ldg(reinterpret_cast<const uint4*>(c0) + v);
+        const uint4 b1 = __ldg(reinterpret_cast<const uint4*>(c1) + v);
+        const T* ye = reinterpret_cast<const T*>(&yv);
+        const T* g0e = reinterpret_cast<const T*>(&g0);
+        const T* g1e = reinterpret_cast<const T*>(&g1);
+        const T* b0e = reinterpret_cast<const T*>(&b0);
+        const T* b1e = reinterpret_cast<const T*>(&b1);
+        uint4 r0, r1;
+        T* r0e = reinterpret_cast<T*>(&r0);
+        T* r1e = reinterpret_cast<T*>(&r1);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float xn = (to_float<T>(ye[e]) - mu) * rstd;
+          r0e[e] = from_float<T>(fmaf(xn, to_float<T>(g0e[e]), to_float<T>(b0e[e])));
+          r1e[e] = from_float<T>(fmaf(xn, to_float<T>(g1e[e]), to_float<T>(b1e[e])));
+        }
+        reinterpret_cast<uint4*>(o0)[v] = r0;
+        reinterpret_cast<uint4*>(o1)[v] = r1;
+      }
+    } else {
+      for (int c = threadIdx.x; c < N; c += blockDim.x) {
+        const float xn = (to_float<T>(__ldcg(yr + c)) - mu) * rstd;
+        o0[c] = from_float<T>(fmaf(xn, to_float<T>(w0[c]), to_float<T>(c0[c])));
+        o1[c] = from_float<T>(fmaf(xn, to_float<T>(w1[c]), to_float<T>(c1[c])));
+      }
+    }
+    __syncthreads();  // stat is rewritten for the next row
+  }
+  if (threadIdx.x == 0) {
+    // Every waiter has seen all arrivals before it counts itself here, so the reset is safe.
+    if (atomicAdd(ws + 1, 1) == W - 1) {
+      ws[1] = 0;
+      ws[0] = 0;
+    }
+  }
+}
+
 // XSMEM: the problem's x (segment 0 [M, K0], then segment 1 [M, K1]) is first staged in shared
 // memory, so each block reads it from L2 once and the x fragments need registers only during
 // the math.
 // NSEG: 1 when no problem of the launch has a second segment (linear, linear_pair), else 2:
 // the per-chunk segment selection costs registers, hence occupancy.
 // KS: blocks per cluster splitting K (1: no cluster; > 1 needs sm_90).
+// NORM (NSEG == 2 only): linear_sum_norm's residual add and norms (gemv_norm_tail); its own
+// instantiations, so that linear_sum's kernels keep their registers and shared memory.
 template <typename T, int NT, int CT, int WARPS, int UNROLL, bool XSMEM, int NSEG, int KS,
-          int MINB = gemv_min_blocks<NT, CT, NSEG>() * 8 / WARPS>
+          int MINB = gemv_min_blocks<NT, CT, NSEG>() * 8 / WARPS, bool NORM = false>
 __global__ void __launch_bounds__(WARPS * 32, MINB)
     gemv_kernel(const __grid_constant__ GemvParams<T> P) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -445,6 +618,9 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
   const T* b1 = NSEG == 2 ? pr.seg[1].bias : nullptr;
   T* y = pr.y;
   const bool gelu = pr.gelu;
+  // linear_sum_norm: y's rounded values of this tile, [channel][token], for the row statistics.
+  const T* resid = NORM ? P.norm.residual : nullptr;
+  __shared__ float vals[NORM ? E * 32 : 1];
   auto store = [&](int e, float sum) {
     const int cji = e >> 5, l = e & 31;
     const int c = cji / (NT * 4), j = (cji >> 2) % NT, i = cji & 3;
@@ -453,7 +629,10 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
     if (n < N && m < M) {
       if (b0) sum += to_float<T>(b0[n]);
       if (b1) sum += to_float<T>(b1[n]);
-      y[(size_t)m * N + n] = from_float<T>(gelu ? gelu_erf(sum) : sum);
+      if (resid) sum += to_float<T>(resid[(size_t)m * N + n]);
+      const T out = from_float<T>(gelu ? gelu_erf(sum) : sum);
+      y[(size_t)m * N + n] = out;
+      if constexpr (NORM) vals[(n - n0) * (8 * NT) + m] = to_float<T>(out);
     }
   };
   for (int e = threadIdx.x; e < E * 32; e += WARPS * 32) {
@@ -482,6 +661,10 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
     cluster.sync();  // keep every block's shared memory alive until rank 0 has read it
   }
 #endif
+  if constexpr (NORM) {
+    if (rank == 0)
+      gemv_norm_tail<T, 8 * NT>(P.norm, y, vals, tile, P.tiles0, n0, min(16 * CT, N - n0), 16 * CT, M, N);
+  }
   }
 }
 
@@ -658,10 +841,11 @@ GemvDevice gemv_device() {
   return cache[dev];
 }
 
-template <typename T, int NT, int CT, int UNROLL, bool XSMEM, int NSEG, int KS, int WARPS, int MINB = 0>
+template <typename T, int NT, int CT, int UNROLL, bool XSMEM, int NSEG, int KS, int WARPS, int MINB = 0,
+          bool NORM = false>
 cudaError_t launch_gemv_kernel(const GemvParams<T>& p, int tiles, size_t smem, cudaStream_t stream) {
   constexpr int minb = MINB > 0 ? MINB : gemv_min_blocks<NT, CT, NSEG>() * 8 / WARPS;
-  auto kernel = gemv_kernel<T, NT, CT, WARPS, UNROLL, XSMEM, NSEG, KS, minb>;
+  auto kernel = gemv_kernel<T, NT, CT, WARPS, UNROLL, XSMEM, NSEG, KS, minb, NORM>;
   const size_t bytes = XSMEM ? smem : 0;
   if constexpr (KS == 1) {
     kernel<<<tiles, WARPS * 32, bytes, stream>>>(p);
@@ -683,6 +867,15 @@ cudaError_t launch_gemv_kernel(const GemvParams<T>& p, int tiles, size_t smem, c
   }
 }
 
+// One or two segments, or linear_sum_norm (two segments and the norm tail).
+template <typename T, int NT, int CT, int UNROLL, bool XSMEM, int KS, int WARPS>
+cudaError_t launch_segs(const GemvParams<T>& p, bool two, int tiles, size_t smem, cudaStream_t stream) {
+  if (p.norm.residual)
+    return launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 2, KS, WARPS, 0, true>(p, tiles, smem, stream);
+  return two ? launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 2, KS, WARPS>(p, tiles, smem, stream)
+             : launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, KS, WARPS>(p, tiles, smem, stream);
+}
+
 // ks == 2 (thread-block clusters of two) is built for the 9-16-row tiles only, with 8 warps.
 // Blocks of 4 warps instead of 8 (the same registers per thread, twice the blocks per SM) when
 // the 8-warp grid would take more than one wave and the 4-warp one, at <= 8 rows, fits in one
@@ -693,11 +886,9 @@ cudaError_t launch_gemv_kernel(const GemvParams<T>& p, int tiles, size_t smem, c
 template <typename T, int NT, int CT, int UNROLL, bool XSMEM = false>
 cudaError_t launch_gemv(const GemvParams<T>& p, int tiles, int ks, size_t smem, cudaStream_t stream,
                         const GemvDevice& dev) {
-  const bool two = p.prob[0].seg[1].K > 0 || p.prob[1].seg[1].K > 0;
+  const bool two = p.prob[0].seg[1].K > 0 || p.prob[1].seg[1].K > 0 || p.norm.residual != nullptr;
   if constexpr (NT == 2 && CT == 2 && !XSMEM) {
-    if (ks == 2)
-      return two ? launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 2, 2, 8>(p, tiles, smem, stream)
-                 : launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 2, 8>(p, tiles, smem, stream);
+    if (ks == 2) return launch_segs<T, NT, CT, UNROLL, XSMEM, 2, 8>(p, two, tiles, smem, stream);
     // 9-16 rows, one segment (linear_pair's QKV + MLP-up at M = 16: 560 tiles, 1.06 waves of
     // 4-warp blocks at 4 per SM): capping registers at 96 fits 5 blocks per SM (4 bytes of spill
     // on sm_90), one wave. H100, M = 16: layer_in 24.2 -> 20.8 us, decode step at batch 16
@@ -713,11 +904,9 @@ cudaError_t launch_gemv(const GemvParams<T>& p, int tiles, int ks, size_t smem, 
     constexpr size_t red4 = 4 * CT * NT * 4 * 32 * sizeof(float);  // the 4-warp reduction buffer
     const bool room = !XSMEM || 2 * per_sm8 * ((XSMEM ? smem : 0) + red4 + 1024) <= 228 * 1024;
     if (ks == 1 && room && tiles > slots8 && (NT == 2 || tiles <= 2 * slots8))
-      return two ? launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 2, 1, 4>(p, tiles, smem, stream)
-                 : launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 1, 4>(p, tiles, smem, stream);
+      return launch_segs<T, NT, CT, UNROLL, XSMEM, 1, 4>(p, two, tiles, smem, stream);
   }
-  return two ? launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 2, 1, 8>(p, tiles, smem, stream)
-             : launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 1, 8>(p, tiles, smem, stream);
+  return launch_segs<T, NT, CT, UNROLL, XSMEM, 1, 8>(p, two, tiles, smem, stream);
 }
 
 // Cluster size at 9-16 rows: two blocks split K when the channel tiles alone would leave SMs
@@ -752,7 +941,10 @@ cudaError_t launch_gemv_params(GemvParams<T>& p, int nprob, cudaStream_t stream)
   // measured on H100 at M = 1, 3-8% faster per shape than x from L2 (2 or 3 chunks per round,
   // or 4 staged, were no better).
   cudaError_t e;
-  if (M <= 8 && xbytes <= 48 * 1024)
+  // linear_sum_norm's kernels hold ~3 KB more static shared memory (the tile's values, the
+  // staged partials): their staged x must leave room under the same 48 KB.
+  const size_t xmax = p.norm.residual ? 40 * 1024 : 48 * 1024;
+  if (M <= 8 && xbytes <= xmax)
     e = launch_gemv<T, 1, 1, 2, true>(p, tiles, ks, xbytes, stream, dev);
   else if (M <= 8)
     e = launch_gemv<T, 1, 1, 2>(p, tiles, ks, 0, stream, dev);
@@ -799,6 +991,16 @@ cudaError_t launch2(const W8A16Linear2& a, int M, cudaStream_t stream) {
     p.prob[pi].seg[si] = make_seg<T>(a.x[i], a.w[i], a.scales[i], a.bias[i], a.K[i]);
   }
   const int nprob = a.sum ? 1 : 2;
+  if (a.sum && a.norm_y[0]) {
+    p.norm.residual = static_cast<const T*>(a.residual);
+    for (int i = 0; i < 2; ++i) {
+      p.norm.w[i] = static_cast<const T*>(a.norm_w[i]);
+      p.norm.b[i] = static_cast<const T*>(a.norm_b[i]);
+      p.norm.y[i] = static_cast<T*>(a.norm_y[i]);
+    }
+    p.norm.eps = a.eps;
+    p.norm.ws = a.workspace;
+  }
   for (int i = 0; i < nprob; ++i) {
     p.prob[i].y = static_cast<T*>(a.y[i]);
     p.prob[i].N = a.N[i];

@@ -25,5 +25,15 @@ struct W8A16Linear2 {
   int K[2] = {0, 0};
   bool gelu[2] = {false, false};
   bool sum = false;
+  // sum == true only, optional (norm_y[0] == nullptr: off): w8a16.linear_sum_norm. y[0] becomes
+  // residual + the sum (rounded once), and norm_y[i] = layer_norm(y[0], norm_w[i], norm_b[i], eps)
+  // (fp32 from the rounded y[0]; i = 0, 1). workspace: int32, >= 4 + 64 * ceil(N / 16), whose
+  // first 4 ints are zero before and after the call (one call at a time per workspace).
+  const void* residual = nullptr;
+  const void* norm_w[2] = {nullptr, nullptr};
+  const void* norm_b[2] = {nullptr, nullptr};
+  void* norm_y[2] = {nullptr, nullptr};
+  float eps = 1e-5f;
+  int* workspace = nullptr;
 };
 cudaError_t w8a16_linear2(const W8A16Linear2& args, int M, int dtype_code, cudaStream_t stream);

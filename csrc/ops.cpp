@@ -62,6 +62,27 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   return y;
 }
 
+// The two linears' operands of linear2 / linear_sum_norm, contiguous (and alive for the launch),
+// with their pointers and sizes written into args.
+struct Linear2Inputs {
+  at::Tensor x[2], w[2], s[2], b[2];
+  Linear2Inputs(const at::Tensor& x1, const at::Tensor& w1, const at::Tensor& s1, const c10::optional<at::Tensor>& b1,
+                const at::Tensor& x2, const at::Tensor& w2, const at::Tensor& s2, const c10::optional<at::Tensor>& b2,
+                W8A16Linear2& args)
+      : x{contiguous16(x1), contiguous16(x2)}, w{contiguous16(w1), contiguous16(w2)}, s{s1.contiguous(), s2.contiguous()} {
+    if (b1.has_value()) b[0] = b1->contiguous();
+    if (b2.has_value()) b[1] = b2->contiguous();
+    for (int i = 0; i < 2; ++i) {
+      args.x[i] = x[i].data_ptr();
+      args.w[i] = w[i].data_ptr<int8_t>();
+      args.scales[i] = s[i].data_ptr<float>();
+      args.bias[i] = b[i].defined() ? b[i].data_ptr() : nullptr;
+      args.N[i] = (int)w[i].size(0);
+      args.K[i] = (int)w[i].size(1);
+    }
+  }
+};
+
 // w8a16.linear_pair (sum = false): [y1, y2], and w8a16.linear_sum (sum = true): [y]. Up to 32
 // rows both linears run in one gemv launch; above (prefill), as two GEMMs (+ an add for the sum).
 std::vector<at::Tensor> linear2(const at::Tensor& x1, const at::Tensor& w1, const at::Tensor& s1,
@@ -85,21 +106,10 @@ std::vector<at::Tensor> linear2(const at::Tensor& x1, const at::Tensor& w1, cons
   TORCH_CHECK(K1 % 16 == 0 && K2 % 16 == 0 && K1 <= INT32_MAX && K2 <= INT32_MAX && w1.size(0) <= INT32_MAX &&
                   w2.size(0) <= INT32_MAX,
               "w8a16_cuda.linear2: bad sizes");
-  const at::Tensor xc[2] = {contiguous16(x1), contiguous16(x2)};
-  const at::Tensor wc[2] = {contiguous16(w1), contiguous16(w2)};
-  const at::Tensor sc[2] = {s1.contiguous(), s2.contiguous()};
-  at::Tensor bc[2];
-  if (b1.has_value()) bc[0] = b1->contiguous();
-  if (b2.has_value()) bc[1] = b2->contiguous();
   W8A16Linear2 args;
+  const Linear2Inputs in(x1, w1, s1, b1, x2, w2, s2, b2, args);
   std::vector<at::Tensor> out;
   for (int i = 0; i < 2; ++i) {
-    args.x[i] = xc[i].data_ptr();
-    args.w[i] = wc[i].data_ptr<int8_t>();
-    args.scales[i] = sc[i].data_ptr<float>();
-    args.bias[i] = bc[i].defined() ? bc[i].data_ptr() : nullptr;
-    args.N[i] = (int)wc[i].size(0);
-    args.K[i] = (int)wc[i].size(1);
     if (i == 0 || !sum) {
       const at::Tensor& x = i ? x2 : x1;
       std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -116,6 +126,50 @@ std::vector<at::Tensor> linear2(const at::Tensor& x1, const at::Tensor& w1, cons
                                         c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, sum ? "w8a16.linear_sum" : "w8a16.linear_pair", ": kernel launch failed: ",
               cudaGetErrorString(err));
+  return out;
+}
+
+// w8a16.linear_sum_norm, up to 32 rows (the public op composes the rest in Python):
+// [y = residual + x1 W1^T s1 + b1 + x2 W2^T s2 + b2, layer_norm_1(y), layer_norm_2(y)], one launch.
+std::vector<at::Tensor> linear_sum_norm(const at::Tensor& x1, const at::Tensor& w1, const at::Tensor& s1,
+                                        const c10::optional<at::Tensor>& b1, const at::Tensor& x2,
+                                        const at::Tensor& w2, const at::Tensor& s2,
+                                        const c10::optional<at::Tensor>& b2, const at::Tensor& residual,
+                                        const at::Tensor& nw1, const at::Tensor& nb1, const at::Tensor& nw2,
+                                        const at::Tensor& nb2, double eps, at::Tensor& workspace) {
+  const int64_t N = w1.size(0), K1 = w1.size(1), K2 = w2.size(1);
+  TORCH_CHECK(x1.is_cuda() && w1.dim() == 2 && w2.dim() == 2 && w1.is_contiguous() && w2.is_contiguous() &&
+                  w2.size(0) == N && K1 % 16 == 0 && K2 % 16 == 0 && K1 + K2 > 0 && residual.size(-1) == N &&
+                  workspace.scalar_type() == at::kInt && workspace.is_contiguous() &&
+                  workspace.numel() >= 4 + 64 * ((N + 15) / 16) && N <= INT32_MAX && K1 <= INT32_MAX &&
+                  K2 <= INT32_MAX,
+              "w8a16_cuda.linear_sum_norm: internal op called with unchecked arguments");
+  const c10::cuda::CUDAGuard guard(x1.device());
+  const int64_t M = K1 > 0 ? x1.numel() / K1 : x2.numel() / K2;
+  TORCH_CHECK(M >= 0 && M <= 32, "w8a16_cuda.linear_sum_norm: at most 32 rows");
+  W8A16Linear2 args;
+  const Linear2Inputs in(x1, w1, s1, b1, x2, w2, s2, b2, args);
+  const at::Tensor rc = residual.contiguous();
+  const at::Tensor nw[2] = {nw1.contiguous(), nw2.contiguous()};
+  const at::Tensor nb[2] = {nb1.contiguous(), nb2.contiguous()};
+  std::vector<int64_t> shape(x1.sizes().begin(), x1.sizes().end());
+  shape.back() = N;
+  std::vector<at::Tensor> out = {at::empty(shape, x1.options()), at::empty(shape, x1.options()),
+                                 at::empty(shape, x1.options())};
+  if (M == 0 || N == 0) return out;
+  for (int i = 0; i < 2; ++i) {
+    args.norm_w[i] = nw[i].data_ptr();
+    args.norm_b[i] = nb[i].data_ptr();
+    args.norm_y[i] = out[i + 1].data_ptr();
+  }
+  args.y[0] = out[0].data_ptr();
+  args.sum = true;
+  args.residual = rc.data_ptr();
+  args.eps = (float)eps;
+  args.workspace = workspace.data_ptr<int>();
+  const cudaError_t err = w8a16_linear2(args, (int)M, dtype_code(x1.scalar_type()),
+                                        c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "w8a16.linear_sum_norm: kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }
 
@@ -198,6 +252,9 @@ TORCH_LIBRARY(w8a16_cuda, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias, bool gelu) -> Tensor");
   m.def("linear2(Tensor x1, Tensor weight1, Tensor scales1, Tensor? bias1, Tensor x2, Tensor weight2, "
         "Tensor scales2, Tensor? bias2, bool gelu1, bool gelu2, bool sum) -> Tensor[]");
+  m.def("linear_sum_norm(Tensor x1, Tensor weight1, Tensor scales1, Tensor? bias1, Tensor x2, Tensor weight2, "
+        "Tensor scales2, Tensor? bias2, Tensor residual, Tensor norm_weight1, Tensor norm_bias1, "
+        "Tensor norm_weight2, Tensor norm_bias2, float eps, Tensor(a!) workspace) -> Tensor[]");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor length, float scale, "
         "Tensor(a!)? scores=None) -> Tensor");
   m.def("cache_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
@@ -208,6 +265,7 @@ TORCH_LIBRARY(w8a16_cuda, m) {
 TORCH_LIBRARY_IMPL(w8a16_cuda, CUDA, m) {
   m.impl("linear", &linear);
   m.impl("linear2", &linear2);
+  m.impl("linear_sum_norm", &linear_sum_norm);
   m.impl("decode_attention", &decode_attention);
   m.impl("cache_attention", &cache_attention);
 }

@@ -1,8 +1,13 @@
-"""Numerics helpers of the W8A16 linear tests (tests/w8a16_ops/test_linear*.py): the fp32 oracle,
-the same-precision torch peer and the relative error the bars compare. Importable because
-pyproject's pytest options put tests/ on the path."""
+"""Helpers of the W8A16 linear tests (tests/w8a16_ops/test_linear*.py): the fp32 oracle, the
+same-precision torch peer and the relative error the bars compare, the random quantized inputs
+of the two-linear ops, and the eager-vs-compiled error check. Importable because pyproject's
+pytest options put tests/ on the path."""
 from __future__ import annotations
 
+import re
+
+import pytest
+import torch
 import torch.nn.functional as F
 
 
@@ -25,3 +30,37 @@ def torch_same_precision(x, w, s, b, gelu=False):
 
 def rel_err(a, ref):
     return ((a.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_within_2x_torch(ours, ref, peer, what):
+    e_ours, e_peer = rel_err(ours, ref), rel_err(peer, ref)
+    # 2x the same-precision torch error, plus a floor for the (rare) exact peer
+    assert e_ours <= 2 * e_peer + 1e-6, f"{what}: ours {e_ours:.3e} vs torch {e_peer:.3e}"
+
+
+def make_weights(N, K, dtype, device, bias=True):
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
+    s = (torch.rand(N, device=device) * 2e-3 + 1e-4).float()
+    b = torch.randn(N, device=device).to(dtype) if bias else None
+    return w, s, b
+
+
+def make_linear(lead, N, K, dtype, device, bias=True, x_scale=1.0):
+    """(x [*lead, K], weight int8 [N, K], scales fp32 [N], bias [N] or None)."""
+    x = (torch.randn(*lead, K, device=device) * x_scale).to(dtype)
+    return (x, *make_weights(N, K, dtype, device, bias))
+
+
+def make_pair(lead, N1, K1, N2, K2, dtype, device, bias=(True, True), x_scale=1.0):
+    """The 8 tensor arguments (x1, weight1, scales1, bias1, x2, weight2, scales2, bias2)."""
+    return (*make_linear(lead, N1, K1, dtype, device, bias[0], x_scale),
+            *make_linear(lead, N2, K2, dtype, device, bias[1], x_scale))
+
+
+def assert_same_error_eager_and_compiled(op, args, msg):
+    pattern = re.escape(msg)
+    with pytest.raises(RuntimeError, match=pattern):
+        op(*args)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=pattern):
+        torch.compile(lambda *a: op(*a), fullgraph=True)(*args)

@@ -6,6 +6,9 @@ Importing this package registers
 * ``torch.ops.w8a16.linear_gelu(x, weight, scales, bias=None)``
 * ``torch.ops.w8a16.linear_pair(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, gelu1=False, gelu2=False)``
 * ``torch.ops.w8a16.linear_sum(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2)``
+* ``torch.ops.w8a16.linear_sum_norm(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, residual,
+  norm_weight1, norm_bias1, norm_weight2, norm_bias2, eps, workspace)`` -> ``(h, n1, n2)``: linear_sum
+  + residual, then two layer norms of the result (``workspace``: ``norm_workspace(N, device)``)
 * ``torch.ops.w8a16.decode_attention(q, k_cache, v_cache, length, scale, scores=None)``
 * ``torch.ops.w8a16.cache_attention_full(...)`` / ``cache_attention_evict(...)`` (fused cache steps)
 
@@ -15,6 +18,8 @@ torch.compile, and, when a CUDA GPU (sm_80+) is present, the CUDA kernels from
 """
 from . import _ops  # noqa: F401  (defines the ops)
 from . import reference
+from ._checks import norm_workspace_numel
+from ._ops import norm_workspace
 from ._build import extension_loaded, load_extension
 from .quant import dequantize_per_channel, quantize_per_channel
 
@@ -24,6 +29,8 @@ __all__ = [
     "reference",
     "quantize_per_channel",
     "dequantize_per_channel",
+    "norm_workspace",
+    "norm_workspace_numel",
     "load_extension",
     "extension_loaded",
 ]

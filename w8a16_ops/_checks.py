@@ -107,6 +107,45 @@ def check_linear2(op: str, x1: torch.Tensor, weight1: torch.Tensor, scales1: tor
                   f"N={weight1.shape[0]} and N={weight2.shape[0]}")
 
 
+def norm_workspace_numel(n: int) -> int:
+    """int32 elements of the workspace w8a16.linear_sum_norm needs for N = ``n`` channels:
+    4 arrival counters, then scratch for the per-row partial statistics of every 16 channels."""
+    return 4 + 64 * -(-int(n) // 16)
+
+
+def check_linear_sum_norm(op: str, x1: torch.Tensor, weight1: torch.Tensor, scales1: torch.Tensor,
+                          bias1: torch.Tensor | None, x2: torch.Tensor, weight2: torch.Tensor,
+                          scales2: torch.Tensor, bias2: torch.Tensor | None, residual: torch.Tensor,
+                          norm_weight1: torch.Tensor, norm_bias1: torch.Tensor, norm_weight2: torch.Tensor,
+                          norm_bias2: torch.Tensor, eps: float, workspace: torch.Tensor) -> None:
+    """Validate the arguments of w8a16.linear_sum_norm: the two linears as linear_sum's, then the
+    residual ([..., N] in x's dtype), the four norm tensors ([N] in x's dtype: the CUDA kernel
+    reads them as x's type, so float32 ones are refused rather than rounded behind the caller's
+    back), eps > 0 and the workspace (see ``norm_workspace_numel``)."""
+    norms = [("norm_weight1", norm_weight1), ("norm_bias1", norm_bias1), ("norm_weight2", norm_weight2),
+             ("norm_bias2", norm_bias2)]
+    _check_devices(op, [("x1", x1), ("weight1", weight1), ("scales1", scales1), ("bias1", bias1),
+                        ("x2", x2), ("weight2", weight2), ("scales2", scales2), ("bias2", bias2),
+                        ("residual", residual), *norms, ("workspace", workspace)])
+    check_linear2(op, x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, same_n=True)
+    N, dt = weight1.shape[0], dtype_name(x1.dtype)
+    out = [*x1.shape[:-1], N]
+    if residual.dtype != x1.dtype or list(residual.shape) != out:
+        _fail(op, f"residual must be {dt} of shape {out} (x's leading dims, then N), got {_desc(residual)}")
+    for name, t in norms:
+        if t.dtype != x1.dtype or t.dim() != 1 or t.shape[0] != N:
+            _fail(op, f"{name} must be {dt} of shape [{N}] (norm weights and biases take x's dtype), "
+                      f"got {_desc(t)}")
+    if not eps > 0:  # also refuses nan
+        _fail(op, f"eps must be > 0, got {eps}")
+    need = norm_workspace_numel(N)
+    if workspace.dtype != torch.int32 or workspace.dim() != 1 or workspace.numel() < need:
+        _fail(op, f"workspace must be int32 of shape [n] with n >= {need} (w8a16_ops.norm_workspace({N})), "
+                  f"got {_desc(workspace)}")
+    if not workspace.is_contiguous():
+        _fail(op, f"workspace must be contiguous, got strides {list(workspace.stride())}")
+
+
 def _check_query(op: str, q: torch.Tensor) -> tuple[int, int, int]:
     allowed, allowed_txt = _act_dtypes(q.device)
     if q.dtype not in allowed:

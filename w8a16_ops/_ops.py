@@ -8,11 +8,14 @@ registered by the compiled extension (csrc/ops.cpp) as ``torch.ops.w8a16_cuda.*`
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import reference
 from ._build import load_extension
-from ._checks import check_cache_attention, check_decode_attention, check_linear, check_linear2
+from ._checks import (check_cache_attention, check_decode_attention, check_linear, check_linear2,
+                      check_linear_sum_norm, norm_workspace_numel)
 
 _lib = torch.library.Library("w8a16", "DEF")  # noqa: TOR901 - kept alive for the process
 _lib.define("linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias=None) -> Tensor")
@@ -96,7 +99,56 @@ def _sum_impl(kind: str):
     return impl
 
 
-for _name, _make in (("linear_pair", _pair_impl), ("linear_sum", _sum_impl)):
+# linear_sum_norm: linear_sum plus the residual add that follows it and the next layer's two
+# layer norms (GPT-NeoX: input_layernorm, post_attention_layernorm; the final norm after the
+# last layer), so a decode step runs one launch per layer end instead of linear_sum, add and two
+# norms. The row statistics need every channel of the row: the CUDA kernel's blocks meet through
+# the int32 `workspace` (counters, then scratch), mutated, hence Tensor(a!).
+_lib.define(f"linear_sum_norm({_L2}, Tensor residual, Tensor norm_weight1, Tensor norm_bias1, "
+            "Tensor norm_weight2, Tensor norm_bias2, float eps, Tensor(a!) workspace) -> (Tensor, Tensor, Tensor)")
+_LSN = "w8a16.linear_sum_norm"
+_MAX_NORM_ROWS = 32  # the CUDA kernel's limit (gemv path); prefill is composed from linear_sum
+
+
+def norm_workspace(n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """A zeroed int32 workspace of ``norm_workspace_numel(n)`` elements for w8a16.linear_sum_norm
+    with N = ``n`` output channels, on ``device``.
+
+    It must be all zeros on first use. The CUDA kernel counts its blocks in the first 4 ints and
+    puts them back to zero before it ends, and uses the rest as scratch, so the workspace stays
+    usable without being cleared again (the CPU op and the composed path above 32 rows do not
+    write it). One workspace may therefore serve calls that run one after another on one stream
+    (every layer of a model, CUDA graph replays; any N up to ``n``), but never two calls that can
+    run at the same time (on two streams): their counters would mix. Under torch.compile with
+    CUDA graphs, pass it as a buffer or mark it with ``torch._dynamo.mark_static_address``.
+    """
+    return torch.zeros(norm_workspace_numel(n), dtype=torch.int32, device=device)
+
+
+def _sum_norm_impl(kind: str):
+    # kind: "cpu", "cuda" or "fake"
+    def impl(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, residual, norm_weight1, norm_bias1,
+             norm_weight2, norm_bias2, eps, workspace):
+        linears = (x1, weight1, scales1, bias1, x2, weight2, scales2, bias2)
+        norms = (norm_weight1, norm_bias1, norm_weight2, norm_bias2)
+        check_linear_sum_norm(_LSN, *linears, residual, *norms, eps, workspace)
+        if kind == "fake":  # the workspace is scratch: no output aliases it
+            return tuple(x1.new_empty((*x1.shape[:-1], weight1.shape[0])) for _ in range(3))
+        if kind == "cpu":
+            return reference.linear_sum_norm(*linears, residual, *norms, eps)
+        _require_kernels(_LSN)
+        M = math.prod(x1.shape[:-1])  # rows; also right when K1 == 0
+        if 0 < M <= _MAX_NORM_ROWS and weight1.shape[1] + weight2.shape[1] > 0:
+            h, n1, n2 = torch.ops.w8a16_cuda.linear_sum_norm(*linears, residual, *norms, eps, workspace)
+            return h, n1, n2
+        # Prefill (or no rows): linear_sum, rounded, then the residual (a second rounding) and
+        # the norms as the reference computes them. The workspace is not touched.
+        h = torch.ops.w8a16.linear_sum(*linears) + residual
+        return (h, *reference.layer_norm_pair(h, *norms, eps))
+    return impl
+
+
+for _name, _make in (("linear_pair", _pair_impl), ("linear_sum", _sum_impl), ("linear_sum_norm", _sum_norm_impl)):
     torch.library.impl(f"w8a16::{_name}", "CPU", lib=_lib)(_make("cpu"))
     torch.library.impl(f"w8a16::{_name}", "CUDA", lib=_lib)(_make("cuda"))
     torch.library.register_fake(f"w8a16::{_name}", lib=_lib)(_make("fake"))

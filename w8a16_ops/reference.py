@@ -59,6 +59,43 @@ def linear_sum(x1: torch.Tensor, weight1: torch.Tensor, scales1: torch.Tensor, b
     """
     return (_affine(x1, weight1, scales1, bias1) + _affine(x2, weight2, scales2, bias2)).to(x1.dtype)
 
+
+def layer_norm_pair(h: torch.Tensor, norm_weight1: torch.Tensor, norm_bias1: torch.Tensor,
+                    norm_weight2: torch.Tensor, norm_bias2: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two layer norms of h's rows over its last dim, each in fp32 from h as it is (already
+    rounded), then rounded to h's dtype: GPT-NeoX's ``input_layernorm`` and
+    ``post_attention_layernorm`` of one input."""
+    hf, shape = h.float(), (h.shape[-1],)
+    return tuple(F.layer_norm(hf, shape, w.float(), b.float(), eps).to(h.dtype)
+                 for w, b in ((norm_weight1, norm_bias1), (norm_weight2, norm_bias2)))
+
+
+def linear_sum_norm(x1: torch.Tensor, weight1: torch.Tensor, scales1: torch.Tensor, bias1: torch.Tensor | None,
+                    x2: torch.Tensor, weight2: torch.Tensor, scales2: torch.Tensor, bias2: torch.Tensor | None,
+                    residual: torch.Tensor, norm_weight1: torch.Tensor, norm_bias1: torch.Tensor,
+                    norm_weight2: torch.Tensor, norm_bias2: torch.Tensor, eps: float,
+                    workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The end of a parallel-residual layer and the two norms of the next one, as one op:
+
+    * ``h = residual + (x1 @ weight1.T) * scales1 + bias1 + (x2 @ weight2.T) * scales2 + bias2``,
+      summed in fp32 and rounded once to x's dtype (``linear_sum`` with the residual inside);
+    * ``n1 = layer_norm(h, norm_weight1, norm_bias1, eps)`` and ``n2`` likewise with the second
+      norm, in fp32 from the rounded h, each rounded to x's dtype (``layer_norm_pair``).
+
+    x1 [..., K1], x2 [..., K2], weights, scales and biases as in ``linear_sum``; residual [..., N]
+    and the norm weights and biases [N], all in x's dtype. Returns (h, n1, n2), each [..., N] in
+    x's dtype. ``workspace`` (the CUDA kernel's counters and scratch) is not used here.
+
+    The CUDA op matches this up to 32 rows (one launch). Above (prefill) it adds the residual to
+    ``linear_sum``'s output, which is rounded before (twice there: see ``linear_sum``), then
+    normalises as here.
+    """
+    acc = _affine(x1, weight1, scales1, bias1) + _affine(x2, weight2, scales2, bias2) + residual.float()
+    h = acc.to(x1.dtype)
+    return (h, *layer_norm_pair(h, norm_weight1, norm_bias1, norm_weight2, norm_bias2, eps))
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      length: torch.Tensor, scale: float,
                      scores: torch.Tensor | None = None) -> torch.Tensor:

@@ -62,20 +62,25 @@ def test_int8_model_matches_its_hf_forward(make_neox, hf_greedy, hf_logprobs):
 
 def test_fused_linears_match_unfused(make_neox, monkeypatch):
     # Decoder(fuse=True) runs a W8A16 parallel-residual layer as w8a16.linear_pair +
-    # w8a16.linear_sum; fuse=False as four linears. Same model, same numbers up to rounding.
+    # w8a16.linear_sum; fuse=False as four linears; fuse_norm=True folds the residual and the
+    # next norms into w8a16.linear_sum_norm in decode steps. Same numbers up to rounding.
     model = quantize_model(make_neox("d64", layers=3))
     ids = torch.randint(0, 256, (2, 20))
-    fused = Decoder(model, batch_size=2, max_len=32, compile=False)
     plain = Decoder(model, batch_size=2, max_len=32, compile=False, fuse=False)
-    assert (fused.fused_layers, plain.fused_layers) == (3, 0)
-    calls = []
-    for name in ("linear_pair", "linear_sum"):
-        op = getattr(torch.ops.w8a16, name)
-        monkeypatch.setattr(torch.ops.w8a16, name, lambda *a, _op=op, _n=name, **k: calls.append(_n) or _op(*a, **k))
-    lp_fused = fused.teacher_force(ids, prefill_len=6)
-    assert calls.count("linear_pair") == calls.count("linear_sum") == 3 * (1 + 13)  # layers x (prefill + steps)
-    torch.testing.assert_close(lp_fused, plain.teacher_force(ids, prefill_len=6), rtol=0, atol=2e-5)
-    assert torch.equal(fused.generate(ids[:, :6], 12), plain.generate(ids[:, :6], 12))
+    lp_plain = plain.teacher_force(ids, prefill_len=6)
+    for fuse_norm, n_sum, n_norm in ((False, 3 * (1 + 13), 0), (True, 3, 3 * 13)):
+        fused = Decoder(model, batch_size=2, max_len=32, compile=False, fuse_norm=fuse_norm)
+        assert (fused.fused_layers, plain.fused_layers) == (3, 0)
+        calls = []
+        with monkeypatch.context() as mp:
+            for name in ("linear_pair", "linear_sum", "linear_sum_norm"):
+                op = getattr(torch.ops.w8a16, name)
+                mp.setattr(torch.ops.w8a16, name, lambda *a, _op=op, _n=name, **k: calls.append(_n) or _op(*a, **k))
+            lp_fused = fused.teacher_force(ids, prefill_len=6)
+        assert calls.count("linear_pair") == 3 * (1 + 13)  # layers x (prefill + steps)
+        assert (calls.count("linear_sum"), calls.count("linear_sum_norm")) == (n_sum, n_norm)
+        torch.testing.assert_close(lp_fused, lp_plain, rtol=0, atol=2e-5)
+        assert torch.equal(fused.generate(ids[:, :6], 12), plain.generate(ids[:, :6], 12))
 
 
 def test_fusion_only_where_it_applies(make_neox):
@@ -321,3 +326,30 @@ def test_cuda_compiled_generate_equals_eager(load_tiny_neox_a, kv, int8):
     compiled = Decoder(model, batch_size=3, max_len=64, kv=kv)
     for _ in range(2):  # warm-up and recording, then replays
         _assert_same_greedy(eager_dec, eager, compiled.generate(ids, 40), T)
+
+
+def test_norm_fused_compiled_equals_eager(make_neox):
+    # fuse_norm=True: the decode step's residual adds and norms run in w8a16.linear_sum_norm
+    # (its CPU reference here), traced whole by torch.compile.
+    model = quantize_model(make_neox("d16", layers=3))
+    eager = Decoder(model, batch_size=2, max_len=48, compile=False, fuse_norm=True)
+    compiled = Decoder(model, batch_size=2, max_len=48, compile=True, fuse_norm=True)
+    assert eager._norm_fused and compiled._norm_fused
+    ids = torch.randint(0, 256, (2, 30))
+    torch.testing.assert_close(compiled.teacher_force(ids, 8), eager.teacher_force(ids, 8), rtol=0, atol=1e-5)
+    assert torch.equal(compiled.generate(ids[:, :8], 16), eager.generate(ids[:, :8], 16))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv", ["full", "h2o:6,6"])
+def test_cuda_norm_fused_step_replays_and_matches_eager(kv, cuda_neox):
+    model = cuda_neox(True)
+    eager = Decoder(model, batch_size=2, max_len=64, kv=kv, compile=False, fuse_norm=True)
+    compiled = Decoder(model, batch_size=2, max_len=64, kv=kv, fuse_norm=True)
+    assert compiled.compiled and compiled._norm_fused
+    skips = counters["inductor"]["cudagraph_skips"]
+    ids = torch.randint(0, 256, (2, 40), device="cuda")
+    torch.testing.assert_close(compiled.teacher_force(ids, 8), eager.teacher_force(ids, 8), rtol=0, atol=2e-3)
+    assert counters["inductor"]["cudagraph_skips"] == skips, "inductor skipped CUDA graphs (see its log)"
+    assert not compiled._norm_ws[:4].any(), "linear_sum_norm left its counters set"
+    _assert_same_greedy(eager, eager.generate(ids[:, :8], 20), compiled.generate(ids[:, :8], 20), 8)

@@ -1,12 +1,11 @@
 """w8a16.linear_pair / w8a16.linear_sum: reference, fake, opcheck, compile, CUDA kernels, bad input."""
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
-from linear_oracle import oracle, rel_err, torch_same_precision
+from linear_oracle import (assert_same_error_eager_and_compiled, assert_within_2x_torch, make_pair,
+                           make_weights, oracle, rel_err, torch_same_precision)
 
 import w8a16_ops  # noqa: F401  (registers the ops; builds the CUDA kernels on a GPU machine)
 
@@ -14,31 +13,6 @@ PAIR, SUM = torch.ops.w8a16.linear_pair, torch.ops.w8a16.linear_sum
 OPS = {"linear_pair": PAIR, "linear_sum": SUM}
 MS = [1, 2, 5, 8, 9, 16, 17, 32, 33, 100]  # the CUDA sum path changes at M = 32
 cuda = pytest.mark.cuda
-
-
-def make_weights(N, K, dtype, device, bias=True):
-    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
-    s = (torch.rand(N, device=device) * 2e-3 + 1e-4).float()
-    b = torch.randn(N, device=device).to(dtype) if bias else None
-    return w, s, b
-
-
-def make_linear(lead, N, K, dtype, device, bias=True, x_scale=1.0):
-    """(x [*lead, K], weight int8 [N, K], scales fp32 [N], bias [N] or None)."""
-    x = (torch.randn(*lead, K, device=device) * x_scale).to(dtype)
-    return (x, *make_weights(N, K, dtype, device, bias))
-
-
-def make_pair(lead, N1, K1, N2, K2, dtype, device, bias=(True, True), x_scale=1.0):
-    """The 8 tensor arguments (x1, weight1, scales1, bias1, x2, weight2, scales2, bias2)."""
-    return (*make_linear(lead, N1, K1, dtype, device, bias[0], x_scale),
-            *make_linear(lead, N2, K2, dtype, device, bias[1], x_scale))
-
-
-def assert_within_2x_torch(ours, ref, peer, what):
-    e_ours, e_peer = rel_err(ours, ref), rel_err(peer, ref)
-    # 2x the same-precision torch error, plus a floor for the (rare) exact peer
-    assert e_ours <= 2 * e_peer + 1e-6, f"{what}: ours {e_ours:.3e} vs torch {e_peer:.3e}"
 
 
 # ----------------------------------------------------------------------------- CPU
@@ -151,15 +125,6 @@ def _bad_args(case, device):
         "bias2_dtype": lambda: dict(b2=b2.float()),
     }[case]())
     return tuple(a[k] for k in ("x1", "w1", "s1", "b1", "x2", "w2", "s2", "b2"))
-
-
-def assert_same_error_eager_and_compiled(op, args, msg):
-    pattern = re.escape(msg)
-    with pytest.raises(RuntimeError, match=pattern):
-        op(*args)
-    torch._dynamo.reset()
-    with pytest.raises(RuntimeError, match=pattern):
-        torch.compile(lambda *a: op(*a), fullgraph=True)(*args)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
