@@ -267,6 +267,17 @@ __device__ __forceinline__ void gemv_load(GemvRegs<T, NT, CT, UNROLL>& r, int c0
   }
 }
 
+// f(c, j, i) for each of a thread's accumulator fragment entries [CT][NT][4], fully unrolled.
+template <int CT, int NT, typename F>
+__device__ __forceinline__ void for_each_frag(F&& f) {
+#pragma unroll
+  for (int c = 0; c < CT; ++c)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) f(c, j, i);
+}
+
 // NSEG == 1: accumulates into acc (scaled once at the end); NSEG == 2: each chunk's partial
 // sums are scaled by their segment's scales as they are added.
 template <int NSEG, typename T, int NT, int CT, int UNROLL>
@@ -275,14 +286,7 @@ __device__ __forceinline__ void gemv_math(const GemvRegs<T, NT, CT, UNROLL>& r, 
   for (int u = 0; u < UNROLL; ++u) {
     float part_[CT][NT][4];
     float (&part)[CT][NT][4] = NSEG == 2 ? part_ : acc;
-    if constexpr (NSEG == 2) {
-#pragma unroll
-      for (int c = 0; c < CT; ++c)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) part[c][j][i] = 0.f;
-    }
+    if constexpr (NSEG == 2) for_each_frag<CT, NT>([&](int c, int j, int i) { part[c][j][i] = 0.f; });
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
@@ -308,12 +312,8 @@ __device__ __forceinline__ void gemv_math(const GemvRegs<T, NT, CT, UNROLL>& r, 
     }
     // C fragment rows: c0, c1 row g; c2, c3 row g + 8.
     if constexpr (NSEG == 2) {
-#pragma unroll
-      for (int c = 0; c < CT; ++c)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) acc[c][j][i] = fmaf(part[c][j][i], r.sc[u][2 * c + (i >> 1)], acc[c][j][i]);
+      for_each_frag<CT, NT>(
+          [&](int c, int j, int i) { acc[c][j][i] = fmaf(part[c][j][i], r.sc[u][2 * c + (i >> 1)], acc[c][j][i]); });
     }
   }
 }
@@ -547,12 +547,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
   if constexpr (NSEG == 2) th.nchunks += (th.K[1] + 127) >> 7;
 
   float acc[CT][NT][4];
-#pragma unroll
-  for (int c = 0; c < CT; ++c)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[c][j][i] = 0.f;
+  for_each_frag<CT, NT>([&](int c, int j, int i) { acc[c][j][i] = 0.f; });
 
   // The block's warps are virtual warps rank * WARPS + warp of the cluster.
   const int vw = rank * WARPS + warp;
@@ -606,12 +601,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
   // c2 (g+8, 2t), c3 (g+8, 2t+1); rows are channels, columns tokens.
   constexpr int E = CT * NT * 4;  // accumulators per thread
   __shared__ float red[WARPS][E][32];
-#pragma unroll
-  for (int c = 0; c < CT; ++c)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) red[warp][(c * NT + j) * 4 + i][lane] = acc[c][j][i];
+  for_each_frag<CT, NT>([&](int c, int j, int i) { red[warp][(c * NT + j) * 4 + i][lane] = acc[c][j][i]; });
   __syncthreads();
   __shared__ float part[KS > 1 ? E * 32 : 1];  // KS > 1: this block's sums, read by rank 0
   const T* b0 = pr.seg[0].bias;
