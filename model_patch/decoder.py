@@ -91,13 +91,19 @@ def _register_inductor_fallbacks() -> None:
             make_fallback(op, warn=False)
 
 
+def _next_norms(neox: nn.Module, i: int) -> tuple[nn.Module, nn.Module]:
+    """The two norms applied to layer i's output: layer i + 1's input norms, or the final norm
+    (twice) after the last layer."""
+    layers = neox.layers
+    if i + 1 < len(layers):
+        return layers[i + 1].input_layernorm, layers[i + 1].post_attention_layernorm
+    return neox.final_layer_norm, neox.final_layer_norm
+
+
 def _norms_fusable(neox: nn.Module) -> bool:
-    """Every norm the decode step applies is an affine ``nn.LayerNorm`` over the hidden size, and
-    the two norms of each layer share their eps (``w8a16.linear_sum_norm`` takes one)."""
-    layers = list(neox.layers)
-    pairs = [(l.input_layernorm, l.post_attention_layernorm) for l in layers[1:]]
-    pairs.append((neox.final_layer_norm, neox.final_layer_norm))
-    for a, b in pairs:
+    """Every norm the decode step applies after a layer is an affine ``nn.LayerNorm`` over the
+    hidden size, and the two share their eps (``w8a16.linear_sum_norm`` takes one)."""
+    for a, b in (_next_norms(neox, i) for i in range(len(neox.layers))):
         for n in (a, b):
             if (type(n) is not nn.LayerNorm or n.weight is None or n.bias is None
                     or len(n.normalized_shape) != 1):
@@ -248,15 +254,20 @@ class Decoder:
     def _fused_layer(self, layer: nn.Module, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      prefill: bool) -> torch.Tensor:
         """x + attn(ln1(x)) + mlp(ln2(x)) of a W8A16 parallel-residual layer, in two linear ops."""
-        attn, mlp = layer.attention, layer.mlp
-        qkv_m, dense = attn.query_key_value, attn.dense
-        up, down = mlp.dense_h_to_4h, mlp.dense_4h_to_h
-        qkv, h = torch.ops.w8a16.linear_pair(
-            layer.input_layernorm(x), qkv_m.weight, qkv_m.scales, qkv_m.bias,
-            layer.post_attention_layernorm(x), up.weight, up.scales, up.bias, gelu2=True)
-        ctx = policy_attention_core(attn, qkv, cos, sin, self.cache, i, prefill)  # [B, T, hidden]
+        ctx, h = self._pair_and_attention(layer, i, layer.input_layernorm(x), layer.post_attention_layernorm(x),
+                                          cos, sin, prefill)
+        dense, down = layer.attention.dense, layer.mlp.dense_4h_to_h
         return torch.ops.w8a16.linear_sum(ctx, dense.weight, dense.scales, dense.bias,
                                           h, down.weight, down.scales, down.bias) + x
+
+    def _pair_and_attention(self, layer: nn.Module, i: int, n1: torch.Tensor, n2: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor, prefill: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fused layer up to its output projections: ``linear_pair`` (QKV on n1, MLP-up + GeLU on
+        n2) and the attention through the cache policy. Returns (attention context, MLP hidden)."""
+        qkv_m, up = layer.attention.query_key_value, layer.mlp.dense_h_to_4h
+        qkv, h = torch.ops.w8a16.linear_pair(n1, qkv_m.weight, qkv_m.scales, qkv_m.bias,
+                                              n2, up.weight, up.scales, up.bias, gelu2=True)
+        return policy_attention_core(layer.attention, qkv, cos, sin, self.cache, i, prefill), h  # ctx [B, T, hidden]
 
     def _forward_norm_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int) -> torch.Tensor:
         """The decode-step layers with linear_sum_norm: each layer ends with x + attn + mlp and the
@@ -264,16 +275,9 @@ class Decoder:
         layers = self.neox.layers
         n1, n2 = layers[0].input_layernorm(x), layers[0].post_attention_layernorm(x)
         for i, layer in enumerate(layers):
-            attn, mlp = layer.attention, layer.mlp
-            qkv_m, dense = attn.query_key_value, attn.dense
-            up, down = mlp.dense_h_to_4h, mlp.dense_4h_to_h
-            qkv, h = torch.ops.w8a16.linear_pair(n1, qkv_m.weight, qkv_m.scales, qkv_m.bias,
-                                                  n2, up.weight, up.scales, up.bias, gelu2=True)
-            ctx = policy_attention_core(attn, qkv, cos, sin, self.cache, i, False)  # [B, T, hidden]
-            if i + 1 < len(layers):
-                a, b = layers[i + 1].input_layernorm, layers[i + 1].post_attention_layernorm
-            else:
-                a = b = self.neox.final_layer_norm
+            ctx, h = self._pair_and_attention(layer, i, n1, n2, cos, sin, False)
+            dense, down = layer.attention.dense, layer.mlp.dense_4h_to_h
+            a, b = _next_norms(self.neox, i)
             x, n1, n2 = torch.ops.w8a16.linear_sum_norm(
                 ctx, dense.weight, dense.scales, dense.bias, h, down.weight, down.scales, down.bias,
                 x, a.weight, a.bias, b.weight, b.bias, a.eps, self._norm_ws)
