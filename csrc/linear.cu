@@ -33,6 +33,9 @@
 //    through 32-bit shared loads + one byte_perm that puts each thread's fragment
 //    bytes together, then dequantized in registers. (Dequantizing each stage once
 //    into a 16-bit tile read with ldmatrix measured no faster on H100.)
+//    When the output tiles leave SMs idle (M = 128: 20 tiles for N = 2560), K is split over
+//    blocks (gemm_splits' cost model), each writing fp32 partials to a workspace that a second
+//    kernel sums in split order and runs the epilogue on (mlp_down M = 128: 187 -> 34 us).
 //
 // int8 -> fp16 uses the FasterTransformer trick: bias the byte to unsigned with
 // an xor, splice it under the exponent of 1024.0 (0x64) with byte_perm, subtract
@@ -46,6 +49,7 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 
 #include "linear.h"
@@ -117,8 +121,41 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// Exact (erf) GeLU, as Pythia's hidden_act="gelu".
-__device__ __forceinline__ float gelu_erf(float y) { return 0.5f * y * (1.0f + erff(y * 0.70710678118654752440f)); }
+// Exact (erf) GeLU, as Pythia's hidden_act="gelu": gelu(y) = y * Phi(y), with the normal CDF
+// Phi(y) = 1 - erfc(z) / 2 for y >= 0 and erfc(z) / 2 for y < 0, z = |y| / sqrt(2). erfc(z) is
+// the Chebyshev fit t * exp(-z^2 + P(t)), t = 1 / (1 + z / 2), of Press et al., Numerical
+// Recipes (2nd ed., section 6.2; relative error < 1.2e-7 for all z >= 0), evaluated in base 2.
+// Against a float64 reference over y in [-14, 14] (fp32 emulation) gelu's relative error is
+// < 6e-7 for y >= 0 and < 2e-5 in the far negative tail, where 0.5 * y * (1 + erff(y / sqrt 2))
+// cancels to 0; ~17 instructions instead of erff's ~28, which matters where the epilogue is
+// not hidden behind memory (GEMM at M = 128: linear_gelu vs linear, docs/kernels.md).
+__device__ __forceinline__ float ex2_approx(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ float rcp_approx(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ float gelu_erf(float y) {
+  constexpr float kL2e = 1.4426950408889634f;  // the fit's coefficients times log2(e)
+  const float z = fabsf(y) * 0.70710678118654752f;
+  const float t = rcp_approx(fmaf(0.5f, z, 1.0f));
+  float p = 0.17087277f * kL2e;
+  p = fmaf(p, t, -0.82215223f * kL2e);
+  p = fmaf(p, t, 1.48851587f * kL2e);
+  p = fmaf(p, t, -1.13520398f * kL2e);
+  p = fmaf(p, t, 0.27886807f * kL2e);
+  p = fmaf(p, t, -0.18628806f * kL2e);
+  p = fmaf(p, t, 0.09678418f * kL2e);
+  p = fmaf(p, t, 0.37409196f * kL2e);
+  p = fmaf(p, t, 1.00002368f * kL2e);
+  p = fmaf(p, t, -1.26551223f * kL2e);
+  const float half_erfc = (0.5f * t) * ex2_approx(fmaf(z * -kL2e, z, p));
+  return y >= 0.f ? fmaf(-half_erfc, y, y) : y * half_erfc;  // +inf -> +inf
+}
 
 template <bool GELU>
 __device__ __forceinline__ float epilogue(float acc, float scale, float bias) {
@@ -683,10 +720,17 @@ __device__ __forceinline__ int b_offset(int row, int chunk) {
   return row * BK + ((chunk ^ ((row >> 2) & 1)) << 4);
 }
 
-template <typename T, bool GELU>
+// Split-K (blockIdx.z = split, kt_split k-tiles of BK each): with partial != nullptr the block
+// writes its raw fp32 sums to partial[z][M][N] and gemm_splitk_reduce applies the epilogue.
+// The GeLU is a runtime flag, not a template parameter: linear and linear_gelu then run the same
+// machine code up to the epilogue (with a GELU template the two instantiations' main loops were
+// scheduled differently, and linear_gelu measured ~4.5% slower at M = 128 on H100 although its
+// GeLU ran in the split-K reduction).
+template <typename T>
 __global__ void __launch_bounds__(GEMM_THREADS, 2)
     gemm_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ scales,
-                const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K) {
+                const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K, int kt_split,
+                float* __restrict__ partial, int gelu) {
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* sA = smem;
   uint8_t* sB = smem + STAGES * A_STAGE_BYTES;
@@ -697,10 +741,11 @@ __global__ void __launch_bounds__(GEMM_THREADS, 2)
   const int g = lane >> 2, t = lane & 3;
   const int wm = warp >> 2, wn = warp & 3;  // warp tile: rows wm*64, cols wn*32
   const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
-  const int KT = (K + BK - 1) / BK;
+  const int kt0 = blockIdx.z * kt_split;
+  const int KT = min((K + BK - 1) / BK - kt0, kt_split);  // this split's k-tiles (> 0)
 
   auto load_stage = [&](int stage, int kt) {
-    const int kb = kt * BK;
+    const int kb = (kt0 + kt) * BK;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {  // A: 512 chunks of 8 halves
       const int q = tid + i * GEMM_THREADS;
@@ -774,6 +819,33 @@ __global__ void __launch_bounds__(GEMM_THREADS, 2)
   // Epilogue: c0 (row g, col 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1);
   // rows are tokens, columns channels.
   const bool pair_ok = (N & 1) == 0;
+  const auto act = [gelu](float a, float scale, float b) {
+    const float v = fmaf(a, scale, b);
+    return gelu ? gelu_erf(v) : v;
+  };
+  if (partial) {
+    float* P = partial + (size_t)blockIdx.z * M * N;
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      const int n = n0 + wn * 32 + ni * 8 + 2 * t;
+      if (n >= N) continue;
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int m = m0 + wm * 64 + mi * 16 + g + 8 * hr;
+          if (m >= M) continue;
+          float* dst = P + (size_t)m * N + n;
+          if (pair_ok) {
+            *reinterpret_cast<float2*>(dst) = make_float2(acc[mi][ni][2 * hr], acc[mi][ni][2 * hr + 1]);
+          } else {
+            dst[0] = acc[mi][ni][2 * hr];
+            if (n + 1 < N) dst[1] = acc[mi][ni][2 * hr + 1];
+          }
+        }
+    }
+    return;
+  }
 #pragma unroll
   for (int ni = 0; ni < 4; ++ni) {
     const int n = n0 + wn * 32 + ni * 8 + 2 * t;
@@ -788,17 +860,68 @@ __global__ void __launch_bounds__(GEMM_THREADS, 2)
       for (int hr = 0; hr < 2; ++hr) {
         const int m = m0 + wm * 64 + mi * 16 + g + 8 * hr;
         if (m >= M) continue;
-        const T o0 = from_float<T>(epilogue<GELU>(acc[mi][ni][2 * hr], s0, b0));
+        const T o0 = from_float<T>(act(acc[mi][ni][2 * hr], s0, b0));
         T* dst = y + (size_t)m * N + n;
         if (pair_ok) {
-          const T o1 = from_float<T>(epilogue<GELU>(acc[mi][ni][2 * hr + 1], s1, b1));
+          const T o1 = from_float<T>(act(acc[mi][ni][2 * hr + 1], s1, b1));
           T pair[2] = {o0, o1};
           *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<uint32_t*>(pair);
         } else {
           dst[0] = o0;
-          if (has1) dst[1] = from_float<T>(epilogue<GELU>(acc[mi][ni][2 * hr + 1], s1, b1));
+          if (has1) dst[1] = from_float<T>(act(acc[mi][ni][2 * hr + 1], s1, b1));
         }
       }
+    }
+  }
+}
+
+// y = act(sum over z of partial[z] (in z order: deterministic) * scales + bias), 4 outputs a
+// thread when N % 4 == 0 (partial's splits then stay 16-byte aligned), else 1. The loads of up
+// to 4 splits are issued before they are added, so the kernel waits ~S / 4 L2 round trips.
+template <int V>
+struct SplitVec {
+  float v[V];
+  __device__ __forceinline__ void load(const float* p) {
+    if constexpr (V == 4) {
+      const float4 q = __ldcs(reinterpret_cast<const float4*>(p));
+      v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+    } else {
+      v[0] = __ldcs(p);
+    }
+  }
+  __device__ __forceinline__ void add(const SplitVec& o) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] += o.v[j];
+  }
+};
+
+template <typename T, bool GELU, int V>
+__global__ void __launch_bounds__(256)
+    gemm_splitk_reduce(const float* __restrict__ partial, int splits, const float* __restrict__ scales,
+                       const T* __restrict__ bias, T* __restrict__ y, int M, int N) {
+  const size_t MN = (size_t)M * N;
+  for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * V; i < MN;
+       i += (size_t)gridDim.x * blockDim.x * V) {
+    SplitVec<V> a;
+    a.load(partial + i);
+    for (int z = 1; z < splits; z += 4) {
+      SplitVec<V> p[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (z + j < splits) p[j].load(partial + (size_t)(z + j) * MN + i);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (z + j < splits) a.add(p[j]);
+    }
+    const int n = (int)(i % N);
+    T o[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      o[j] = from_float<T>(epilogue<GELU>(a.v[j], scales[n + j], bias ? to_float<T>(bias[n + j]) : 0.f));
+    if constexpr (V == 4) {
+      *reinterpret_cast<uint2*>(y + i) = *reinterpret_cast<const uint2*>(o);
+    } else {
+      y[i] = o[0];
     }
   }
 }
@@ -812,23 +935,23 @@ struct GemvDevice {
 
 GemvDevice gemv_device() {
   constexpr int kMaxDevices = 64;
-  static GemvDevice cache[kMaxDevices];
-  static bool known[kMaxDevices];
+  // One word a device: 0 = not known yet, else sms << 1 | clusters (sms >= 1), so that a
+  // reader sees either nothing or the whole entry; racing first calls store the same value.
+  static std::atomic<int> cache[kMaxDevices];
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) dev = 0;
-  // Not synchronised: two first calls on different threads may both fill the entry, and a
-  // reader may see known[dev] before the entry. It then launches another valid shape (sms = 0,
-  // no clusters): same math, possibly another fp32 summation order on that call. Known, not
-  // fixed (a std::atomic word would do; it was not tested on a GPU in session 5).
-  if (!known[dev]) {
+  int word = cache[dev].load(std::memory_order_acquire);
+  if (word == 0) {
     int sms = 0, major = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cache[dev].sms = sms > 0 ? sms : 1;
-    cache[dev].clusters = major >= 9;
-    known[dev] = true;
+    word = (std::max(sms, 1) << 1) | (major >= 9 ? 1 : 0);
+    cache[dev].store(word, std::memory_order_release);
   }
-  return cache[dev];
+  GemvDevice d;
+  d.sms = word >> 1;
+  d.clusters = (word & 1) != 0;
+  return d;
 }
 
 template <typename T, int NT, int CT, int UNROLL, bool XSMEM, int NSEG, int KS, int WARPS, int MINB = 0,
@@ -950,9 +1073,53 @@ GemvSeg<T> make_seg(const void* x, const int8_t* w, const float* scales, const v
   return GemvSeg<T>{static_cast<const T*>(x), w, scales, static_cast<const T*>(bias), K};
 }
 
+// Split-K for the gemm (M > 32) when its output tiles leave SMs idle or end in a partial wave:
+// at M = 128 the 20 tiles of mlp_down (N = 2560) kept 20 of an H100's 132 SMs busy (187 us).
+// A cost model picks the split count S (fitted to a sweep of S = 1-20 at M = 40-1024 on the
+// Pythia-2.8B shapes, H100; it predicts those times within ~10%, docs/kernels.md):
+//  * a block's k-tile (128 x 128 x 32) takes ~0.585 us with the SM to itself, ~0.5 us each when
+//    two or more share an SM, and the busiest SM holds ceil(blocks / SMs) blocks;
+//  * a split adds S * M * N * 4 bytes written and read back by gemm_splitk_reduce (~5 TB/s
+//    through L2) and ~4 us (the second launch, the partial-tile writes).
+// S is capped so that a split keeps >= 4 k-tiles and the workspace stays <= 256 MB.
+double gemm_cost_us(int M, int N, int tiles, int KT, int S, int sms) {
+  const int kt_split = (KT + S - 1) / S, used = (KT + kt_split - 1) / kt_split;
+  const long long blocks = (long long)tiles * used;
+  const double body = blocks <= sms ? 0.585 * kt_split : 0.5 * kt_split * (double)((blocks + sms - 1) / sms);
+  return body + (used > 1 ? 4.0 + (double)used * M * N * 8 / 5.0e6 : 0.0);
+}
+
+int gemm_splits(int M, int N, int K, const GemvDevice& d) {
+  const int tiles = ((N + BN - 1) / BN) * ((M + BM - 1) / BM);
+  const int KT = (K + BK - 1) / BK;
+  int best = 1;
+  double best_cost = gemm_cost_us(M, N, tiles, KT, 1, d.sms);
+  for (int S = 2; S <= 32 && KT / S >= 4 && (double)S * M * N * 4 <= 256.0 * (1 << 20); ++S) {
+    const double c = gemm_cost_us(M, N, tiles, KT, S, d.sms);
+    if (c < best_cost) best = S, best_cost = c;
+  }
+  return best;
+}
+
+template <typename T, bool GELU>
+cudaError_t launch_splitk_reduce(const float* partial, int S, const float* scales, const void* bias, void* y,
+                                 int M, int N, cudaStream_t stream, const GemvDevice& dev) {
+  const size_t MN = (size_t)M * N;
+  const bool v4 = N % 4 == 0;
+  const size_t threads = v4 ? MN / 4 : MN;
+  const int blocks = (int)std::min<size_t>((threads + 255) / 256, (size_t)dev.sms * 8);
+  if (v4)
+    gemm_splitk_reduce<T, GELU, 4><<<blocks, 256, 0, stream>>>(partial, S, scales, static_cast<const T*>(bias),
+                                                               static_cast<T*>(y), M, N);
+  else
+    gemm_splitk_reduce<T, GELU, 1><<<blocks, 256, 0, stream>>>(partial, S, scales, static_cast<const T*>(bias),
+                                                               static_cast<T*>(y), M, N);
+  return cudaGetLastError();
+}
+
 template <typename T, bool GELU>
 cudaError_t launch(const void* x, const int8_t* w, const float* scales, const void* bias, void* y, int M, int N,
-                   int K, cudaStream_t stream) {
+                   int K, int splits, float* workspace, cudaStream_t stream) {
   if (M <= 32) {
     GemvParams<T> p{};
     p.M = M;
@@ -964,12 +1131,19 @@ cudaError_t launch(const void* x, const int8_t* w, const float* scales, const vo
   }
   // The attribute is per device; setting it is cheap and allowed during capture.
   cudaError_t e =
-      cudaFuncSetAttribute(gemm_kernel<T, GELU>, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM);
+      cudaFuncSetAttribute(gemm_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM);
   if (e != cudaSuccess) return e;
-  const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM);
-  gemm_kernel<T, GELU><<<grid, GEMM_THREADS, GEMM_SMEM, stream>>>(
-      static_cast<const T*>(x), w, scales, static_cast<const T*>(bias), static_cast<T*>(y), M, N, K);
-  return cudaGetLastError();
+  const int KT = (K + BK - 1) / BK;
+  const int S = workspace ? std::max(1, std::min(splits, KT)) : 1;
+  const int kt_split = (KT + S - 1) / S;
+  const int used = (KT + kt_split - 1) / kt_split;  // every split non-empty
+  const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM, used);
+  gemm_kernel<T><<<grid, GEMM_THREADS, GEMM_SMEM, stream>>>(
+      static_cast<const T*>(x), w, scales, static_cast<const T*>(bias), static_cast<T*>(y), M, N, K, kt_split,
+      used > 1 ? workspace : nullptr, GELU ? 1 : 0);
+  e = cudaGetLastError();
+  if (e != cudaSuccess || used == 1) return e;
+  return launch_splitk_reduce<T, GELU>(workspace, used, scales, bias, y, M, N, stream, gemv_device());
 }
 
 template <typename T>
@@ -1001,14 +1175,22 @@ cudaError_t launch2(const W8A16Linear2& a, int M, cudaStream_t stream) {
 
 }  // namespace
 
+int w8a16_linear_splits(int M, int N, int K, int requested) {
+  if (M <= 32 || M == 0 || N == 0 || K == 0) return 1;
+  const int KT = (K + BK - 1) / BK;
+  if (requested > 0) return std::min(requested, KT);
+  return gemm_splits(M, N, K, gemv_device());
+}
+
 cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, const void* bias, void* y,
-                         int M, int N, int K, int dtype_code, bool gelu, cudaStream_t stream) {
+                         int M, int N, int K, int dtype_code, bool gelu, int splits, float* workspace,
+                         cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   if (dtype_code == 0)
-    return gelu ? launch<__half, true>(x, w, scales, bias, y, M, N, K, stream)
-                : launch<__half, false>(x, w, scales, bias, y, M, N, K, stream);
-  return gelu ? launch<__nv_bfloat16, true>(x, w, scales, bias, y, M, N, K, stream)
-              : launch<__nv_bfloat16, false>(x, w, scales, bias, y, M, N, K, stream);
+    return gelu ? launch<__half, true>(x, w, scales, bias, y, M, N, K, splits, workspace, stream)
+                : launch<__half, false>(x, w, scales, bias, y, M, N, K, splits, workspace, stream);
+  return gelu ? launch<__nv_bfloat16, true>(x, w, scales, bias, y, M, N, K, splits, workspace, stream)
+              : launch<__nv_bfloat16, false>(x, w, scales, bias, y, M, N, K, splits, workspace, stream);
 }
 
 cudaError_t w8a16_linear2(const W8A16Linear2& args, int M, int dtype_code, cudaStream_t stream) {

@@ -7,8 +7,15 @@
 // dtype_code: 0 = float16, 1 = bfloat16. Shapes: x [M, K], w [N, K], scales [N] fp32, bias [N]
 // (may be null), y [M, N]; all contiguous and 16-byte aligned; K % 16 == 0.
 // y = act((x @ w^T) * scales + bias), fp32 accumulation.
+// M > 32 runs a tiled GEMM that may split K over `splits` blocks per output tile, each writing
+// fp32 partial sums to `workspace` (float [splits, M, N]), summed in split order by a second
+// kernel that applies the epilogue (deterministic). w8a16_linear_splits gives the split count
+// for a shape on the current device (1: no workspace needed); requested > 0 overrides the
+// built-in choice (tuning; capped at one split per 32 k). M <= 32 ignores both.
+int w8a16_linear_splits(int M, int N, int K, int requested);
 cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, const void* bias, void* y,
-                         int M, int N, int K, int dtype_code, bool gelu, cudaStream_t stream);
+                         int M, int N, int K, int dtype_code, bool gelu, int splits, float* workspace,
+                         cudaStream_t stream);
 
 // Two linears in one gemv launch (M <= 32 rows, the same M for both; same layout rules):
 //  * sum == false (w8a16.linear_pair): y[i] = act_i((x[i] @ w[i]^T) * scales[i] + bias[i]), i = 0, 1;

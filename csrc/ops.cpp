@@ -14,6 +14,7 @@
 #include "linear.h"
 
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 
@@ -26,6 +27,18 @@ int dtype_code(at::ScalarType t) { return t == at::kHalf ? 0 : 1; }
 at::Tensor contiguous16(const at::Tensor& t) {
   const at::Tensor c = t.contiguous();
   return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
+// W8A16_GEMM_SPLITS=S (a positive integer) overrides the split-K count of the M > 32 GEMM, for
+// tuning and tests; unset or empty: the built-in choice. Read on every call (prefill only).
+int requested_gemm_splits() {
+  const char* v = std::getenv("W8A16_GEMM_SPLITS");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const long s = std::strtol(v, &end, 10);
+  TORCH_CHECK(*end == '\0' && s >= 1 && s <= 1024, "W8A16_GEMM_SPLITS must be an integer in [1, 1024], got '", v,
+              "'");
+  return (int)s;
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
@@ -55,9 +68,15 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   const int64_t M = xc.numel() / K;
   TORCH_CHECK(M <= INT32_MAX, "w8a16_cuda.linear: too many rows");
   if (M == 0 || N == 0) return y;
+  // Split-K workspace of the M > 32 GEMM, from the caching allocator (capturable).
+  const int splits = w8a16_linear_splits((int)M, (int)N, (int)K, requested_gemm_splits());
+  at::Tensor ws;
+  if (splits > 1) ws = at::empty({(int64_t)splits * M * N}, x.options().dtype(at::kFloat));
   const cudaError_t err = w8a16_linear(xc.data_ptr(), wc.data_ptr<int8_t>(), sc.data_ptr<float>(),
                                        bc.defined() ? bc.data_ptr() : nullptr, y.data_ptr(), (int)M, (int)N, (int)K,
-                                       dtype_code(x.scalar_type()), gelu, c10::cuda::getCurrentCUDAStream().stream());
+                                       dtype_code(x.scalar_type()), gelu, splits,
+                                       ws.defined() ? ws.data_ptr<float>() : nullptr,
+                                       c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "w8a16.linear: kernel launch failed: ", cudaGetErrorString(err));
   return y;
 }
