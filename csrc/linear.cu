@@ -721,16 +721,15 @@ __device__ __forceinline__ int b_offset(int row, int chunk) {
 }
 
 // Split-K (blockIdx.z = split, kt_split k-tiles of BK each): with partial != nullptr the block
-// writes its raw fp32 sums to partial[z][M][N] and gemm_splitk_reduce applies the epilogue.
-// The GeLU is a runtime flag, not a template parameter: linear and linear_gelu then run the same
-// machine code up to the epilogue (with a GELU template the two instantiations' main loops were
-// scheduled differently, and linear_gelu measured ~4.5% slower at M = 128 on H100 although its
-// GeLU ran in the split-K reduction).
-template <typename T>
+// writes its raw fp32 sums to partial[z][M][N] and gemm_splitk_reduce applies the epilogue, so
+// split launches always use the GELU = false instantiation. H100, M = 128, mlp_up: the GELU = true
+// kernel's main loop measured ~0.9 us slower than the GELU = false one (35.0 us), whether the GeLU
+// was a template parameter or a runtime flag (which slowed linear to 36.1 us instead).
+template <typename T, bool GELU>
 __global__ void __launch_bounds__(GEMM_THREADS, 2)
     gemm_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ scales,
                 const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K, int kt_split,
-                float* __restrict__ partial, int gelu) {
+                float* __restrict__ partial) {
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* sA = smem;
   uint8_t* sB = smem + STAGES * A_STAGE_BYTES;
@@ -819,10 +818,6 @@ __global__ void __launch_bounds__(GEMM_THREADS, 2)
   // Epilogue: c0 (row g, col 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1);
   // rows are tokens, columns channels.
   const bool pair_ok = (N & 1) == 0;
-  const auto act = [gelu](float a, float scale, float b) {
-    const float v = fmaf(a, scale, b);
-    return gelu ? gelu_erf(v) : v;
-  };
   if (partial) {
     float* P = partial + (size_t)blockIdx.z * M * N;
 #pragma unroll
@@ -860,15 +855,15 @@ __global__ void __launch_bounds__(GEMM_THREADS, 2)
       for (int hr = 0; hr < 2; ++hr) {
         const int m = m0 + wm * 64 + mi * 16 + g + 8 * hr;
         if (m >= M) continue;
-        const T o0 = from_float<T>(act(acc[mi][ni][2 * hr], s0, b0));
+        const T o0 = from_float<T>(epilogue<GELU>(acc[mi][ni][2 * hr], s0, b0));
         T* dst = y + (size_t)m * N + n;
         if (pair_ok) {
-          const T o1 = from_float<T>(act(acc[mi][ni][2 * hr + 1], s1, b1));
+          const T o1 = from_float<T>(epilogue<GELU>(acc[mi][ni][2 * hr + 1], s1, b1));
           T pair[2] = {o0, o1};
           *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<uint32_t*>(pair);
         } else {
           dst[0] = o0;
-          if (has1) dst[1] = from_float<T>(act(acc[mi][ni][2 * hr + 1], s1, b1));
+          if (has1) dst[1] = from_float<T>(epilogue<GELU>(acc[mi][ni][2 * hr + 1], s1, b1));
         }
       }
     }
@@ -1129,18 +1124,18 @@ cudaError_t launch(const void* x, const int8_t* w, const float* scales, const vo
     p.prob[0].gelu = GELU;
     return launch_gemv_params(p, 1, stream);
   }
-  // The attribute is per device; setting it is cheap and allowed during capture.
-  cudaError_t e =
-      cudaFuncSetAttribute(gemm_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM);
-  if (e != cudaSuccess) return e;
   const int KT = (K + BK - 1) / BK;
   const int S = workspace ? std::max(1, std::min(splits, KT)) : 1;
   const int kt_split = (KT + S - 1) / S;
   const int used = (KT + kt_split - 1) / kt_split;  // every split non-empty
+  auto kernel = used > 1 ? gemm_kernel<T, false> : gemm_kernel<T, GELU>;
+  // The attribute is per device; setting it is cheap and allowed during capture.
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM);
+  if (e != cudaSuccess) return e;
   const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM, used);
-  gemm_kernel<T><<<grid, GEMM_THREADS, GEMM_SMEM, stream>>>(
-      static_cast<const T*>(x), w, scales, static_cast<const T*>(bias), static_cast<T*>(y), M, N, K, kt_split,
-      used > 1 ? workspace : nullptr, GELU ? 1 : 0);
+  kernel<<<grid, GEMM_THREADS, GEMM_SMEM, stream>>>(static_cast<const T*>(x), w, scales, static_cast<const T*>(bias),
+                                                    static_cast<T*>(y), M, N, K, kt_split,
+                                                    used > 1 ? workspace : nullptr);
   e = cudaGetLastError();
   if (e != cudaSuccess || used == 1) return e;
   return launch_splitk_reduce<T, GELU>(workspace, used, scales, bias, y, M, N, stream, gemv_device());
