@@ -1071,7 +1071,7 @@ GemvSeg<T> make_seg(const void* x, const int8_t* w, const float* scales, const v
 // Split-K for the gemm (M > 32) when its output tiles leave SMs idle or end in a partial wave:
 // at M = 128 the 20 tiles of mlp_down (N = 2560) kept 20 of an H100's 132 SMs busy (187 us).
 // A cost model picks the split count S (fitted to a sweep of S = 1-20 at M = 40-1024 on the
-// Pythia-2.8B shapes, H100; it predicts those times within ~10%, docs/kernels.md):
+// Pythia-2.8B shapes, H100; its pick is the measured best or within 7% of it, docs/kernels.md):
 //  * a block's k-tile (128 x 128 x 32) takes ~0.585 us with the SM to itself, ~0.5 us each when
 //    two or more share an SM, and the busiest SM holds ceil(blocks / SMs) blocks;
 //  * a split adds S * M * N * 4 bytes written and read back by gemm_splitk_reduce (~5 TB/s
