@@ -1077,11 +1077,22 @@ GemvSeg<T> make_seg(const void* x, const int8_t* w, const float* scales, const v
 //  * a split adds S * M * N * 4 bytes written and read back by gemm_splitk_reduce (~5 TB/s
 //    through L2) and ~4 us (the second launch, the partial-tile writes).
 // S is capped so that a split keeps >= 4 k-tiles and the workspace stays <= 256 MB.
+// S splits asked for, of KT k-tiles: `kt` k-tiles a split, and the `used` splits that then hold
+// any (S clamped to [1, KT]; the last split may be shorter).
+struct KSplit {
+  int kt, used;
+  KSplit(int KT, int S) {
+    S = std::max(1, std::min(S, KT));
+    kt = (KT + S - 1) / S;
+    used = (KT + kt - 1) / kt;
+  }
+};
+
 double gemm_cost_us(int M, int N, int tiles, int KT, int S, int sms) {
-  const int kt_split = (KT + S - 1) / S, used = (KT + kt_split - 1) / kt_split;
-  const long long blocks = (long long)tiles * used;
-  const double body = blocks <= sms ? 0.585 * kt_split : 0.5 * kt_split * (double)((blocks + sms - 1) / sms);
-  return body + (used > 1 ? 4.0 + (double)used * M * N * 8 / 5.0e6 : 0.0);
+  const KSplit ks(KT, S);
+  const long long blocks = (long long)tiles * ks.used;
+  const double body = blocks <= sms ? 0.585 * ks.kt : 0.5 * ks.kt * (double)((blocks + sms - 1) / sms);
+  return body + (ks.used > 1 ? 4.0 + (double)ks.used * M * N * 8 / 5.0e6 : 0.0);
 }
 
 int gemm_splits(int M, int N, int K, const GemvDevice& d) {
@@ -1124,17 +1135,15 @@ cudaError_t launch(const void* x, const int8_t* w, const float* scales, const vo
     p.prob[0].gelu = GELU;
     return launch_gemv_params(p, 1, stream);
   }
-  const int KT = (K + BK - 1) / BK;
-  const int S = workspace ? std::max(1, std::min(splits, KT)) : 1;
-  const int kt_split = (KT + S - 1) / S;
-  const int used = (KT + kt_split - 1) / kt_split;  // every split non-empty
+  const KSplit ks((K + BK - 1) / BK, workspace ? splits : 1);
+  const int used = ks.used;
   auto kernel = used > 1 ? gemm_kernel<T, false> : gemm_kernel<T, GELU>;
   // The attribute is per device; setting it is cheap and allowed during capture.
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM);
   if (e != cudaSuccess) return e;
   const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM, used);
   kernel<<<grid, GEMM_THREADS, GEMM_SMEM, stream>>>(static_cast<const T*>(x), w, scales, static_cast<const T*>(bias),
-                                                    static_cast<T*>(y), M, N, K, kt_split,
+                                                    static_cast<T*>(y), M, N, K, ks.kt,
                                                     used > 1 ? workspace : nullptr);
   e = cudaGetLastError();
   if (e != cudaSuccess || used == 1) return e;
@@ -1171,10 +1180,8 @@ cudaError_t launch2(const W8A16Linear2& a, int M, cudaStream_t stream) {
 }  // namespace
 
 int w8a16_linear_splits(int M, int N, int K, int requested) {
-  if (M <= 32 || M == 0 || N == 0 || K == 0) return 1;
-  const int KT = (K + BK - 1) / BK;
-  if (requested > 0) return std::min(requested, KT);
-  return gemm_splits(M, N, K, gemv_device());
+  if (M <= 32 || N == 0 || K == 0) return 1;
+  return KSplit((K + BK - 1) / BK, requested > 0 ? requested : gemm_splits(M, N, K, gemv_device())).used;
 }
 
 cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, const void* bias, void* y,

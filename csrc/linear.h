@@ -10,8 +10,8 @@
 // M > 32 runs a tiled GEMM that may split K over `splits` blocks per output tile, each writing
 // fp32 partial sums to `workspace` (float [splits, M, N]), summed in split order by a second
 // kernel that applies the epilogue (deterministic). w8a16_linear_splits gives the split count
-// for a shape on the current device (1: no workspace needed); requested > 0 overrides the
-// built-in choice (tuning; capped at one split per 32 k). M <= 32 ignores both.
+// for a shape on the current device, as launched (1: no workspace needed); requested > 0
+// overrides the built-in choice (tuning; at most one split per 32 k). M <= 32 ignores both.
 int w8a16_linear_splits(int M, int N, int K, int requested);
 cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, const void* bias, void* y,
                          int M, int N, int K, int dtype_code, bool gelu, int splits, float* workspace,

@@ -30,7 +30,7 @@ at::Tensor contiguous16(const at::Tensor& t) {
 }
 
 // W8A16_GEMM_SPLITS=S (a positive integer) overrides the split-K count of the M > 32 GEMM, for
-// tuning and tests; unset or empty: the built-in choice. Read on every call (prefill only).
+// tuning and tests; unset or empty: the built-in choice. Read on every M > 32 call (prefill).
 int requested_gemm_splits() {
   const char* v = std::getenv("W8A16_GEMM_SPLITS");
   if (v == nullptr || *v == '\0') return 0;
@@ -68,8 +68,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   const int64_t M = xc.numel() / K;
   TORCH_CHECK(M <= INT32_MAX, "w8a16_cuda.linear: too many rows");
   if (M == 0 || N == 0) return y;
-  // Split-K workspace of the M > 32 GEMM, from the caching allocator (capturable).
-  const int splits = w8a16_linear_splits((int)M, (int)N, (int)K, requested_gemm_splits());
+  // Split-K workspace of the M > 32 GEMM, from the caching allocator (capturable). The gemv
+  // (M <= 32, decoding) never splits: no environment lookup on that path.
+  const int splits = M > 32 ? w8a16_linear_splits((int)M, (int)N, (int)K, requested_gemm_splits()) : 1;
   at::Tensor ws;
   if (splits > 1) ws = at::empty({(int64_t)splits * M * N}, x.options().dtype(at::kFloat));
   const cudaError_t err = w8a16_linear(xc.data_ptr(), wc.data_ptr<int8_t>(), sc.data_ptr<float>(),
