@@ -1,7 +1,7 @@
 """Helpers of the W8A16 linear tests (tests/w8a16_ops/test_linear*.py): the fp32 oracle, the
 same-precision torch peer and the relative error the bars compare, the random quantized inputs
-of the two-linear ops, and the eager-vs-compiled error check. Importable because pyproject's
-pytest options put tests/ on the path."""
+of the two-linear ops, and the eager-vs-compiled checks (same error, same outputs). Importable
+because pyproject's pytest options put tests/ on the path."""
 from __future__ import annotations
 
 import re
@@ -64,3 +64,13 @@ def assert_same_error_eager_and_compiled(op, args, msg):
     torch._dynamo.reset()
     with pytest.raises(RuntimeError, match=pattern):
         torch.compile(lambda *a: op(*a), fullgraph=True)(*args)
+
+
+def assert_compiled_equals_eager(module, input_sets):
+    """torch.compile(module, fullgraph=True) returns exactly the eager outputs for every tuple of
+    inputs in input_sets (a fresh dynamo state; later shapes may recompile)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)
+    for inputs in input_sets:
+        for a, b in zip(compiled(*inputs), module(*inputs)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

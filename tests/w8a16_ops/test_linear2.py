@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from linear_oracle import (assert_same_error_eager_and_compiled, assert_within_2x_torch, make_pair,
-                           make_weights, oracle, rel_err, torch_same_precision)
+from linear_oracle import (assert_compiled_equals_eager, assert_same_error_eager_and_compiled, assert_within_2x_torch,
+                           make_pair, make_weights, oracle, rel_err, torch_same_precision)
 
 import w8a16_ops  # noqa: F401  (registers the ops; builds the CUDA kernels on a GPU machine)
 
@@ -88,13 +88,9 @@ class ParallelBlock(torch.nn.Module):
 
 
 def test_compile_fullgraph_equals_eager_cpu():
-    torch._dynamo.reset()
-    m = ParallelBlock(32, torch.float32, "cpu")
-    compiled = torch.compile(m, fullgraph=True)
-    for lead in ((2, 5), (3, 7)):  # the second shape recompiles with dynamic leading dims
-        x1, x2 = torch.randn(*lead, 32), torch.randn(*lead, 32)
-        for a, b in zip(compiled(x1, x2), m(x1, x2)):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the second shape recompiles with dynamic leading dims
+    inputs = [(torch.randn(*lead, 32), torch.randn(*lead, 32)) for lead in ((2, 5), (3, 7))]
+    assert_compiled_equals_eager(ParallelBlock(32, torch.float32, "cpu"), inputs)
 
 
 # ---------------------------------------------------------------------- bad input
@@ -276,13 +272,8 @@ def test_opcheck_cuda(case, M):
 
 @cuda
 def test_compile_fullgraph_equals_eager_cuda():
-    torch._dynamo.reset()
-    m = ParallelBlock(256, torch.float16, "cuda")
-    compiled = torch.compile(m, fullgraph=True)
-    for M in (1, 9, 64):
-        x1, x2 = (torch.randn(M, 256, device="cuda", dtype=torch.float16) for _ in range(2))
-        for a, b in zip(compiled(x1, x2), m(x1, x2)):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    inputs = [tuple(torch.randn(M, 256, device="cuda", dtype=torch.float16) for _ in range(2)) for M in (1, 9, 64)]
+    assert_compiled_equals_eager(ParallelBlock(256, torch.float16, "cuda"), inputs)
 
 
 @cuda

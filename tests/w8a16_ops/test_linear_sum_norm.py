@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linear_oracle import (assert_same_error_eager_and_compiled, assert_within_2x_torch, make_pair,
-                           make_weights, oracle, rel_err, torch_same_precision)
+from linear_oracle import (assert_compiled_equals_eager, assert_same_error_eager_and_compiled, assert_within_2x_torch,
+                           make_pair, make_weights, oracle, rel_err, torch_same_precision)
 
 import w8a16_ops
 from w8a16_ops import norm_workspace, norm_workspace_numel, reference
@@ -194,13 +194,9 @@ def layer_inputs(lead, N, dtype, device):
 
 
 def test_compile_fullgraph_equals_eager_cpu():
-    torch._dynamo.reset()
-    m = LayerEnds(32, torch.float32, "cpu")
-    compiled = torch.compile(m, fullgraph=True)
-    for lead in ((2, 5), (3, 7)):  # the second shape recompiles with dynamic leading dims
-        inputs = layer_inputs(lead, 32, torch.float32, "cpu")
-        for a, b in zip(compiled(*inputs), m(*inputs)):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the second shape recompiles with dynamic leading dims
+    inputs = [layer_inputs(lead, 32, torch.float32, "cpu") for lead in ((2, 5), (3, 7))]
+    assert_compiled_equals_eager(LayerEnds(32, torch.float32, "cpu"), inputs)
 
 
 # ---------------------------------------------------------------------- bad input
@@ -382,13 +378,8 @@ def test_opcheck_cuda(bias, M):
 
 @cuda
 def test_compile_fullgraph_equals_eager_cuda():
-    torch._dynamo.reset()
     m = LayerEnds(256, torch.float16, "cuda")
-    compiled = torch.compile(m, fullgraph=True)
-    for M in (1, 9, 64):
-        inputs = layer_inputs((M, 1), 256, torch.float16, "cuda")
-        for a, b in zip(compiled(*inputs), m(*inputs)):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_compiled_equals_eager(m, [layer_inputs((M, 1), 256, torch.float16, "cuda") for M in (1, 9, 64)])
     assert not m.ws[:4].any()
 
 
