@@ -211,14 +211,30 @@ __device__ __forceinline__ void consider(const Params& p, long long newest, int 
   if (evictable && goes_first(d, c)) c = d;
 }
 
+// Order-preserving map of a candidate's key to an unsigned integer, for the warp-wide minimum
+// below: -0 and +0 are equal (as for `<`), and a NaN key sorts after every number (goes_first
+// never prefers it to a numeric one; among NaN keys the oldest position wins).
+__device__ __forceinline__ unsigned key_order(float key) {
+  if (key != key) return 0xfffffffeu;
+  const unsigned u = __float_as_uint(key + 0.f);  // -0 + 0 = +0
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The first candidate of the warp by goes_first, in every lane: the smallest key, then the
+// smallest (oldest) position, by two hardware warp minimums (redux.sync, sm_80+) instead of a
+// five-step shuffle tree of three-word candidates. Positions of one row are distinct, so
+// (key, position) names one lane's candidate.
 __device__ __forceinline__ Cand warp_first(Cand c) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const Cand d{__shfl_xor_sync(0xffffffffu, c.key, o), __shfl_xor_sync(0xffffffffu, c.pos, o),
-                 __shfl_xor_sync(0xffffffffu, c.slot, o)};
-    if (goes_first(d, c)) c = d;
-  }
-  return c;
+  const bool has = c.slot >= 0;  // evictable slots hold a position >= 0
+  const unsigned kk = has ? key_order(c.key) : 0xffffffffu;
+  const unsigned kmin = __reduce_min_sync(0xffffffffu, kk);
+  const bool at_min = has && kk == kmin;
+  const unsigned pmin = __reduce_min_sync(0xffffffffu, at_min ? (unsigned)c.pos : 0xffffffffu);
+  const unsigned who = __ballot_sync(0xffffffffu, at_min && (unsigned)c.pos == pmin);
+  if (who == 0u) return no_cand();
+  const int src = __ffs(who) - 1;
+  return Cand{__shfl_sync(0xffffffffu, c.key, src), __shfl_sync(0xffffffffu, c.pos, src),
+              __shfl_sync(0xffffffffu, c.slot, src)};
 }
 
 // Slots first + u * stride (u < KEEP, those < end) of row bh, held in registers: scores[s] +=
@@ -319,6 +335,7 @@ __global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_k
   static_assert(VEC == 0 || (NT % kVecDiv == 0 && kTile % (NT / kVecDiv) == 0), "TOKS must divide 32");
   static_assert(VEC != 0 || NT >= 256, "runtime VEC <= 32 needs TOKS >= 8");
   static_assert(STAGES >= 2, "pipeline depth");
+  static_assert(NT >= 8 * VEC, "thread d < D holds element d of the new token (runtime VEC: D <= 256 = NT)");
   static_assert(TPI == 1 || (TPI == 2 && STAGES % 2 == 0 && STAGES >= 4), "tiles per iteration");
   constexpr int kGroups = STAGES / TPI;  // pipeline groups of TPI tiles
   constexpr int kToksStatic = VEC > 0 ? NT / kVecDiv : 0;
@@ -347,6 +364,35 @@ __global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_k
   const int h = bh - b * p.H;
   // An evicting step's free slot, read before the length so that the two loads overlap.
   const long long free_slot = p.k_new != nullptr && p.free_slot != nullptr ? p.free_slot[bh] : -1;
+  // The new token's inputs are loaded next, before any tile: issued after the tiles' 20 KB per
+  // block they queued behind them, and the cache step's rotary prologue waited ~2 us for them
+  // (H100, B = 16, H = 32, 505 slots). Plain attention: this thread's 8 elements of q. Cache
+  // step: element d = tid of q, k_new and v_new (NT >= D in every configuration), and of the
+  // rotary partners and cos / sin where d < rot_dim. k_new and v_new are read by every block,
+  // though only the one holding the new slot uses them (2 * D elements).
+  uint4 q_vec = make_uint4(0, 0, 0, 0);
+  uint16_t in_q = 0, in_qp = 0, in_k = 0, in_kp = 0, in_c = 0, in_s = 0, in_v = 0;
+  const uint16_t* vn = nullptr;
+  if (p.k_new == nullptr) {
+    q_vec = load8<ALIGNED>(static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh + part * 8);
+  } else {
+    vn = static_cast<const uint16_t*>(p.v_new) + b * p.vn_sb + h * p.vn_sh;
+    if (tid < D) {
+      const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
+      const uint16_t* kn = static_cast<const uint16_t*>(p.k_new) + b * p.kn_sb + h * p.kn_sh;
+      in_q = qg[tid];
+      in_k = kn[tid];
+      in_v = vn[tid];
+      if (tid < p.rot_dim) {
+        const int R2 = p.rot_dim / 2;
+        const int pd = tid < R2 ? tid + R2 : tid - R2;
+        in_qp = qg[pd];
+        in_kp = kn[pd];
+        in_c = static_cast<const uint16_t*>(p.rot_cos)[tid];
+        in_s = static_cast<const uint16_t*>(p.rot_sin)[tid];
+      }
+    }
+  }
   const int len = clamp_length(p, b);
   const int chunk = split_chunk(len, p.splits);
   const int s0 = split * chunk;
@@ -375,11 +421,9 @@ __global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_k
   // shared memory and its V from v_new rather than from the cache, so the stores need no fence.
   // The first tiles are requested before q and k_new are prepared, to overlap the two latencies.
   int new_slot = -1;  // the new token's slot if this block holds it, else -1
-  const uint16_t* vn = nullptr;
   if (p.k_new != nullptr) {
     const long long slot = p.free_slot != nullptr ? free_slot : newest;
     if (slot >= s0 && slot < s1) new_slot = (int)slot;
-    vn = static_cast<const uint16_t*>(p.v_new) + b * p.vn_sb + h * p.vn_sh;
   }
 
   const int ntiles = (s1 - s0 + kTile - 1) / kTile;
@@ -391,7 +435,6 @@ __global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_k
   const bool tail_work = p.scores != nullptr || p.free_slot != nullptr;
   const bool in_regs = p.splits == 1 && tail_work && ntiles <= kKeep * kWarps;
   SlotRegs<kKeep> regs;
-  if (in_regs) load_slots<kKeep>(p, bh, warp * kTile + lane, s1, kWarps * kTile, nullptr, regs);
   // Tile j = tokens [s0 + 32 j, min(s0 + 32 j + 32, s1)); K and V of those tokens are
   // contiguous in memory, n * vec 16-byte vectors each. Vectors past n are not copied
   // (and never used: the softmax masks those tokens, the P.V loop skips them). The new token's
@@ -427,39 +470,34 @@ __global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_k
     if (st < ntiles) load_tile(st, st, false);
     if (st % TPI == TPI - 1) cp_async_commit();
   }
+  // Needed only at the end: issued behind the tiles.
+  if (in_regs) load_slots<kKeep>(p, bh, warp * kTile + lane, s1, kWarps * kTile, nullptr, regs);
 
   float qf[8];
   if (p.k_new == nullptr) {
-    const uint4 u = load8<ALIGNED>(static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh + part * 8);
-    unpack8<T>(u, qf);
+    unpack8<T>(q_vec, qf);
 #pragma unroll
     for (int i = 0; i < 8; ++i) qf[i] *= p.qscale;
   } else {
     const bool owner = new_slot >= 0;
-    const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
-    const uint16_t* kn = static_cast<const uint16_t*>(p.k_new) + b * p.kn_sb + h * p.kn_sh;
-    uint16_t* kd = static_cast<uint16_t*>(p.k) + ((size_t)bh * p.S + (owner ? new_slot : 0)) * D;
-    uint16_t* vd = static_cast<uint16_t*>(p.v) + ((size_t)bh * p.S + (owner ? new_slot : 0)) * D;
-    const uint16_t* cs = static_cast<const uint16_t*>(p.rot_cos);
-    const uint16_t* sn = static_cast<const uint16_t*>(p.rot_sin);
-    const int R = p.rot_dim, R2 = p.rot_dim / 2;
     float* s_q = s_red;  // [D], free until the first tile
-    for (int d = tid; d < D; d += NT) {
-      float qv = Elem<T>::to_f(qg[d]);
-      float kv = owner ? Elem<T>::to_f(kn[d]) : 0.f;
-      if (d < R) {  // x * cos + rotate_half(x) * sin, in fp32, rounded once (as inductor does)
-        const int pd = d < R2 ? d + R2 : d - R2;
-        const float sg = d < R2 ? -1.f : 1.f;
-        const float c = Elem<T>::to_f(cs[d]), si = Elem<T>::to_f(sn[d]);
-        qv = Elem<T>::to_f(Elem<T>::bits(qv * c + sg * Elem<T>::to_f(qg[pd]) * si));
-        if (owner) kv = kv * c + sg * Elem<T>::to_f(kn[pd]) * si;
+    if (tid < D) {
+      const int d = tid;
+      float qv = Elem<T>::to_f(in_q);
+      float kv = Elem<T>::to_f(in_k);
+      if (d < p.rot_dim) {  // x * cos + rotate_half(x) * sin, in fp32, rounded once (as inductor does)
+        const float sg = d < p.rot_dim / 2 ? -1.f : 1.f;
+        const float c = Elem<T>::to_f(in_c), si = Elem<T>::to_f(in_s);
+        qv = Elem<T>::to_f(Elem<T>::bits(qv * c + sg * Elem<T>::to_f(in_qp) * si));
+        kv = kv * c + sg * Elem<T>::to_f(in_kp) * si;
       }
       s_q[d] = qv;
       if (owner) {
         const uint16_t kb = Elem<T>::bits(kv);
+        const size_t at = ((size_t)bh * p.S + new_slot) * D + d;
         s_knew[d] = kb;
-        kd[d] = kb;
-        vd[d] = vn[d];
+        static_cast<uint16_t*>(p.k)[at] = kb;
+        static_cast<uint16_t*>(p.v)[at] = in_v;
       }
     }
     // Read by other threads of this block (eviction, scores) only after later barriers.

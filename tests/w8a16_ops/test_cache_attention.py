@@ -123,10 +123,9 @@ def test_full_seen_past_the_cache_writes_nothing(extra):
     torch.testing.assert_close(out.double(), o64, atol=1e-5, rtol=1e-5)
 
 
-def _hand_state(scores):
+def _hand_state(scores, D=4):
     """B = H = 1, S = 6, budget 5: slots hold positions [6, 2, 9, -, 0, 8], slot 3 is free.
     The new token has position 10."""
-    D = 4
     st = dict(k=torch.randn(1, 1, 6, D), v=torch.randn(1, 1, 6, D),
               pos=torch.tensor([[[6, 2, 9, -1, 0, 8]]], dtype=torch.int32),
               free=torch.tensor([[3]], dtype=torch.int64),
@@ -597,6 +596,27 @@ def _step_cases():
                         continue
                     cases.append(pytest.param(dtype, D, B, H, S, policy, id=f"{dname}-{D}-{sname}-{policy}"))
     return cases
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n_sink,recent,scores,q_zero,victim", _HAND)
+def test_cuda_evict_hand_checked_victim(n_sink, recent, scores, q_zero, victim):
+    # The kernel's victim search (per-thread fold, then warp and block minimums) on the
+    # hand-checked states, exact ties included: the same victim, positions and free slot.
+    st, D = _hand_state(scores, D=8)  # the CUDA kernel takes D % 8 == 0
+    st = {n: None if t is None else (t.half() if t.is_floating_point() and n in ("k", "v") else t).cuda()
+          for n, t in st.items()}
+    q, kn, vn = _new_token(1, 1, D, torch.float16, "cuda")
+    if q_zero:
+        q.zero_()
+    EVICT(q, kn, vn, st["k"], st["v"], st["pos"], st["free"], _seen(10, "cuda"), D ** -0.5, 5, n_sink,
+          recent, st["scores"])
+    expected_pos = [6, 2, 9, 10, 0, 8]
+    expected_pos[victim] = -1
+    assert st["pos"][0, 0].tolist() == expected_pos
+    assert st["free"].tolist() == [[victim]]
+    if q_zero:
+        assert torch.equal(st["scores"][0, 0, 0], st["scores"][0, 0, 1])  # a genuine tie
 
 
 @pytest.mark.cuda
