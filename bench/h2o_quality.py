@@ -75,10 +75,12 @@ def perplexity(logprobs: torch.Tensor, tokens: str = "decode", aggregate: str = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from model_patch.sources import ModelSourceError, load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(MODEL))
+    ap.add_argument("--model", default=str(MODEL),
+                    help="a hub id, a local checkpoint directory or a random: preset (default: tiny-neox-a)")
+    ap.add_argument("--tokenizer", help="tokenizer.json or directory (needed by random: presets)")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--books", type=int, default=4)
     ap.add_argument("--prefill", type=int, default=128)
@@ -92,14 +94,18 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    try:
+        model, tok = load_model(args.model, dtype=torch.float32, device="cpu", tokenizer=args.tokenizer)
+    except ModelSourceError as err:
+        ap.error(str(err))
+    if tok is None:
+        ap.error(f"--model {args.model} comes without a tokenizer: pass --tokenizer")
     ids = data.document_sequences(tok, data.load_corpus(args.data), args.books,
                                   args.prefill + args.decode + 1)  # 10000:400000, the slice
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     head_dim = model.config.hidden_size // n_heads
     rows = [(str(parse_policy(p)), str(parse_policy(p)), None) for p in args.policies] if args.policies else TABLE
-    print(f"# tiny-neox-a, {args.books} books x (prefill {args.prefill} + decode {args.decode}), fp32 oracle, "
+    print(f"# {args.model}, {args.books} books x (prefill {args.prefill} + decode {args.decode}), fp32 oracle, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     runs = {}  # (policy, variant) -> logprobs [B, 1 + decode]

@@ -10,8 +10,10 @@ A checkpoint directory holds
   int8 values to float and yielding garbage.
 * ``config.json`` (and ``generation_config.json``): the HF GPT-NeoX config.
 * ``w8a16_manifest.json``: format version, source model, the quantized module names,
-  whether the LM head is quantized, the dtype, creation time, the weight file's size
-  and every tensor's dtype and shape.
+  whether the LM head is quantized, the dtype, creation time, the weight file's size,
+  every tensor's dtype and shape, and the config values that change the computation
+  without changing any tensor's shape (heads, rotary, residual form, activation, ...),
+  so that an edited ``config.json`` is refused rather than loaded into wrong logits.
 * the tokenizer files, when a tokenizer is given.
 
 ``load_quantized`` builds the module skeleton on the meta device and streams each
@@ -31,7 +33,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from w8a16_ops._checks import dtype_name
 
-from .quant import W8A16Linear, check_gpt_neox_model, lm_head_name, swap_linears
+from .quant import EXACT_GELU, W8A16Linear, check_gpt_neox_model, lm_head_name, swap_linears
 from .sources import (MANIFEST_NAME, build_empty_model, check_gpt_neox_config, finalize_model,
                       materialize_buffers)
 
@@ -42,8 +44,23 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "merges.txt")
 
 
+# Config values recorded in the manifest and compared at load (those present in the config).
+# Shapes catch most config edits (sizes, layer count); these are the ones that do not show in
+# any tensor's shape but change the logits: head split, rotary, residual form, activation, ...
+COMPUTE_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "hidden_act", "rotary_pct", "partial_rotary_factor", "rotary_emb_base", "rope_theta",
+                       "rope_parameters", "rope_scaling", "use_parallel_residual", "layer_norm_eps",
+                       "vocab_size", "tie_word_embeddings", "attention_bias")
+
+
 class CheckpointError(RuntimeError):
     """A W8A16 checkpoint is missing, corrupt, or does not match its config / manifest."""
+
+
+def _compute_config(config) -> dict:
+    """The COMPUTE_CONFIG_KEYS of ``config`` as JSON values (what the manifest stores)."""
+    d = config.to_dict()
+    return {k: json.loads(json.dumps(d[k])) for k in COMPUTE_CONFIG_KEYS if k in d}
 
 
 def _head_tied(model: nn.Module) -> bool:
@@ -116,6 +133,7 @@ def save_quantized(model: nn.Module, out_dir, source: str | None = None, tokeniz
         "weights_file": WEIGHTS_NAME,
         "weights_bytes": weights.stat().st_size,
         "tensors": {k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for k, t in tensors.items()},
+        "config": _compute_config(config),
         "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -193,7 +211,8 @@ def load_quantized(ckpt_dir, device="cpu", dtype: torch.dtype | None = None) -> 
     Raises:
         CheckpointError: missing or corrupt manifest / config / weight file, a missing or
         extra tensor, a wrong dtype or shape (also what a config that does not match the
-        weights looks like), or a truncated file.
+        weights looks like), a config.json whose computation-relevant values differ from
+        those saved in the manifest, or a truncated file.
     """
     ckpt = Path(ckpt_dir)
     manifest = read_manifest(ckpt)
@@ -211,6 +230,9 @@ def load_quantized(ckpt_dir, device="cpu", dtype: torch.dtype | None = None) -> 
     except Exception as err:  # OSError / ValueError from HF
         raise CheckpointError(f"load_quantized: cannot read {ckpt / 'config.json'}: {err}") from err
     check_gpt_neox_config("load_quantized", config, f"checkpoint {str(ckpt)!r}")
+    if getattr(config, "hidden_act", None) not in EXACT_GELU:
+        _fail(f"config.hidden_act must be 'gelu' (the exact erf GeLU that w8a16.linear_gelu computes), "
+              f"got {getattr(config, 'hidden_act', None)!r}")
 
     model = build_empty_model(config, dtype)
     head = lm_head_name(model)
@@ -270,6 +292,19 @@ def load_quantized(ckpt_dir, device="cpu", dtype: torch.dtype | None = None) -> 
             if name in q_keys and q_keys[name] == "scales" and not (torch.isfinite(t).all() and (t > 0).all()):
                 _fail(f"tensor {name!r} (per-channel scales) must be finite and positive")
             state[name] = t if name in q_keys else t.to(dtype)
+    # Edits of config.json that change no tensor's shape (those above name the tensor) but
+    # would change the logits: compared with the values the manifest saved (checkpoints written
+    # before that field have only the shape checks).
+    saved = manifest.get("config")
+    if saved is not None:
+        if not isinstance(saved, dict):
+            _fail(f"{ckpt / MANIFEST_NAME} field 'config' must be an object, got {type(saved).__name__}")
+        now = _compute_config(config)
+        changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if changed:
+            _fail("config.json does not match the config the checkpoint was saved with: "
+                  + "; ".join(f"{k}: saved {saved.get(k, '(absent)')!r}, config.json {now.get(k, '(absent)')!r}"
+                              for k in changed))
     model.load_state_dict(state, strict=not tied, assign=True)
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight

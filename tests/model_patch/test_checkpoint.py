@@ -252,3 +252,34 @@ def test_lm_head_saved_under_another_name_is_mapped(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
     loaded = load_quantized(tmp_path)
     assert_same_state(model, loaded)
+
+
+@pytest.mark.parametrize("edit,key", [
+    (dict(num_attention_heads=2), "num_attention_heads"),
+    (dict(use_parallel_residual=False), "use_parallel_residual"),
+    (dict(partial_rotary_factor=1.0), "rope_parameters"),  # transformers 5 keeps it there
+    (dict(layer_norm_eps=1e-3), "layer_norm_eps"),
+], ids=["heads", "residual", "rotary", "eps"])
+def test_shape_preserving_config_edit_is_refused(ckpt, edit, key):
+    # These edits leave every tensor's shape as it was but change the logits: the manifest's
+    # saved config values catch them.
+    if key == "rope_parameters":
+        rope = json.loads((ckpt / "config.json").read_text())[key]
+        edit = {key: {**rope, **edit}}
+    edit_json(ckpt / "config.json", **edit)
+    with pytest.raises(CheckpointError, match=rf"config.json does not match the config the checkpoint was saved "
+                                              rf"with: .*{key}: saved"):
+        load_quantized(ckpt)
+
+
+def test_non_gelu_activation_checkpoint_is_refused(ckpt):
+    edit_json(ckpt / "config.json", hidden_act="relu")
+    with pytest.raises(CheckpointError, match=r"config.hidden_act must be 'gelu' .* got 'relu'"):
+        load_quantized(ckpt)
+
+
+def test_manifest_records_the_compute_config(ckpt):
+    saved = json.loads((ckpt / MANIFEST_NAME).read_text())["config"]
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert saved["num_attention_heads"] == cfg["num_attention_heads"]
+    assert saved["hidden_act"] == "gelu" and "use_parallel_residual" in saved

@@ -127,15 +127,76 @@ def test_patched_forward_close_to_float():
     torch.testing.assert_close(out, ref, rtol=0, atol=0.05 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("B", [1, 2, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_generate_fp16_random_patched(cache):
-    model, _ = load_model("random:pythia-14m", dtype=torch.float16)
+def test_generate_random_patched(cache, dtype, B):
+    model, _ = load_model("random:pythia-14m", dtype=dtype)
     quantize_model(model, lm_head=True)
-    ids = torch.randint(2, 50000, (2, 6))
+    ids = torch.randint(2, 50000, (B, 6))
     kw = {"cache_implementation": "static"} if cache == "static" else {}
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                          pad_token_id=0, **kw)
-    assert out.shape == (2, 11) and torch.equal(out[:, :6], ids)
+    assert out.shape == (B, 11) and torch.equal(out[:, :6], ids)
+
+
+def _static_cache_steps(model, ids, n_steps, step_fn, feed=None):
+    """Eager prefill of ids [B, T] into a fresh StaticCache, then n_steps decode steps through
+    step_fn (the model or a compiled model), greedy or feeding feed [B, n_steps]; returns the
+    step logits [n, B, V]."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + n_steps + 1)
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        logits = []
+        for _ in range(n_steps):
+            lg = step_fn(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1].float().clone()
+            logits.append(lg)
+            tok = lg.argmax(-1, keepdim=True) if feed is None else feed[:, len(logits) - 1:len(logits)]
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("B", [1, 16])
+def test_compiled_static_cache_decode_step_has_no_graph_breaks(B):
+    # What `torch.compile(model)` + generate(cache_implementation="static") runs per token, on a
+    # patched model: fullgraph=True raises on any graph break; the logits match eager's.
+    torch._dynamo.reset()
+    model, _ = load_model("random:pythia-14m", dtype=torch.float32)
+    quantize_model(model, lm_head=True)
+    ids = torch.randint(2, 50000, (B, 5))
+    ref = _static_cache_steps(model, ids, 3, model)
+    step = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = _static_cache_steps(model, ids, 3, step)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("B", [1, 16])
+def test_cuda_reduce_overhead_compile_of_patched_model(B):
+    # torch.compile(model, mode="reduce-overhead") on a patched fp16 model with a static cache:
+    # one graph (fullgraph=True), replayed as a CUDA graph (no cudagraph skips), logits = eager's
+    # (teacher-forced: fused and unfused fp16 kernels round differently, so greedy tokens could
+    # part at a near-tie of the random model).
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model, _ = load_model("random:pythia-70m", dtype=torch.float16, device="cuda")
+    quantize_model(model, lm_head=True)
+    ids = torch.randint(2, 50000, (B, 7), device="cuda")
+    feed = torch.randint(2, 50000, (B, 6), device="cuda")
+    ref = _static_cache_steps(model, ids, 6, model, feed)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    skips = counters["inductor"]["cudagraph_skips"]
+
+    def step(**kw):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(**kw)
+
+    out = _static_cache_steps(model, ids, 6, step, feed)
+    assert counters["inductor"]["cudagraph_skips"] == skips, "inductor skipped CUDA graphs (see its log)"
+    torch.testing.assert_close(out, ref, rtol=0, atol=0.05 * ref.abs().max().item())
 
 
 @functools.lru_cache(maxsize=1)

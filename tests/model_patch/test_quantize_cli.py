@@ -36,6 +36,13 @@ def test_random_preset_matches_in_process_quantization(tmp_path, capsys):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["source_model"] == "random:pythia-14m" and manifest["dtype"] == "float16"
+    assert manifest["quantized_modules"] and manifest["format_version"] == 1
+    # Tensors only in safetensors, never pickle: every file is JSON, text or the one weight file.
+    files = sorted(p.name for p in out.iterdir())
+    assert [f for f in files if not f.endswith((".json", ".txt"))] == [WEIGHTS_NAME], files
+    from safetensors import safe_open
+    with safe_open(str(out / WEIGHTS_NAME), framework="pt") as f:  # parses as safetensors
+        assert set(f.keys()) == set(manifest["tensors"])
 
 
 def test_local_model_bfloat16_lm_head_tokenizer(tiny_neox_path, tmp_path, capsys):
