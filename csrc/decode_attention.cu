@@ -33,6 +33,7 @@
 // * Alignment: q, k, v and out are normally 16-byte aligned (D % 8 == 0); views with an odd
 //   storage offset fall back to a synchronous, element-wise variant of the generic kernel.
 #include "decode_attention.h"
+#include "device_facts.h"
 
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -57,7 +58,7 @@ constexpr int kKeep = 4;             // slots per thread held in registers by th
 constexpr int kScoreChunk = 1024;     // tokens of `scores` per combine block
 constexpr int kCombineThreads = 256;
 constexpr int kGenericThreads = 256;  // block size of the runtime-VEC kernel
-constexpr int kMaxDevices = 64;
+constexpr int kMaxDevices = kMaxCachedDevices;  // per-device caches of the launch
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct Params {
@@ -365,8 +366,8 @@ __global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_k
   // An evicting step's free slot, read before the length so that the two loads overlap.
   const long long free_slot = p.k_new != nullptr && p.free_slot != nullptr ? p.free_slot[bh] : -1;
   // The new token's inputs are loaded next, before any tile: issued after the tiles' 20 KB per
-  // block they queued behind them, and the cache step's rotary prologue waited ~2 us for them
-  // (H100, B = 16, H = 32, 505 slots). Plain attention: this thread's 8 elements of q. Cache
+  // block they queued behind them, and the cache step's prologue took 6.0 us instead of 2.0
+  // (H100, B = 16, H = 32, 505 slots; the call gains ~0.5 us, the loop then waits for the tiles). Plain attention: this thread's 8 elements of q. Cache
   // step: element d = tid of q, k_new and v_new (NT >= D in every configuration), and of the
   // rotary partners and cos / sin where d < rot_dim. k_new and v_new are read by every block,
   // though only the one holding the new slot uses them (2 * D elements).
@@ -419,7 +420,7 @@ __global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_k
   // holds the new token's slot also rotates k_new and writes the token into the cache (K, V, pos
   // and a zero score). No other block reads that slot, and this block takes the token's K from
   // shared memory and its V from v_new rather than from the cache, so the stores need no fence.
-  // The first tiles are requested before q and k_new are prepared, to overlap the two latencies.
+  // The first tiles are requested before q and k_new are rotated (their loads were issued above).
   int new_slot = -1;  // the new token's slot if this block holds it, else -1
   if (p.k_new != nullptr) {
     const long long slot = p.free_slot != nullptr ? free_slot : newest;
@@ -753,23 +754,6 @@ __global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kern
 
 size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
 
-int current_device() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) dev = 0;
-  return dev;
-}
-
-int sm_count(int dev) {
-  static std::atomic<int> cache[kMaxDevices];
-  int n = cache[dev].load(std::memory_order_relaxed);
-  if (n == 0) {
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0)
-      n = 1;
-    cache[dev].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
 // One kernel configuration: its shared memory, its one-time setup and its launch.
 template <typename T, int VEC, int NT, int STAGES, bool ALIGNED, int TPI = 1>
 struct SplitConfig {
@@ -828,14 +812,15 @@ cudaError_t with_config(int D, bool aligned, F&& f, bool pair = false) {
 // all carry the same work, so a second partial wave would only add a tail). Depends only on
 // (B, H, S, D) and the device, so the workspace size and the launch agree.
 cudaError_t choose_splits(int B, int H, int S, int D, int* splits) {
-  const int dev = current_device();
+  const DeviceFacts facts = device_facts();
+  const int dev = facts.dev;
   int bpsm = 1;
   cudaError_t err = with_config<__half>(D, true, [&](auto cfg) {
     return decltype(cfg)::blocks_per_sm(dev, D / 8, &bpsm);
   });
   if (err != cudaSuccess) return err;
   const long long pairs = (long long)B * H;
-  long long ns = (long long)sm_count(dev) * bpsm / (pairs > 0 ? pairs : 1);
+  long long ns = (long long)facts.sms * bpsm / (pairs > 0 ? pairs : 1);
   // At most one split per kMinSplitTokens of S, but allow kShortSplits splits of at least
   // kShortSplitTokens: a short cache (an evicting policy's S = budget + 1) is otherwise cut
   // into a few long splits, and at small B*H the time is the chain of tiles of one split.
@@ -869,7 +854,7 @@ cudaError_t launch_typed(Params p, int B, int H, bool aligned, cudaStream_t stre
   const long long pairs = (long long)B * H;
   cudaError_t err = with_config<T>(p.D, aligned, [&](auto cfg) {
     int bpsm = 0;  // runs the one-time shared-memory setup of this kernel
-    cudaError_t e = decltype(cfg)::blocks_per_sm(current_device(), p.vec, &bpsm);
+    cudaError_t e = decltype(cfg)::blocks_per_sm(device_facts().dev, p.vec, &bpsm);
     if (e != cudaSuccess) return e;
     return decltype(cfg)::launch(p, pairs * p.splits, stream);
   }, p.splits == 1);

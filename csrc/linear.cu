@@ -49,9 +49,9 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
 
+#include "device_facts.h"
 #include "linear.h"
 
 namespace {
@@ -921,33 +921,6 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// Device facts the gemv launch needs, cached per device (cudaDeviceGetAttribute is cheap, but
-// this runs on every decode call).
-struct GemvDevice {
-  int sms = 0;
-  bool clusters = false;  // sm_90+: thread-block clusters with distributed shared memory
-};
-
-GemvDevice gemv_device() {
-  constexpr int kMaxDevices = 64;
-  // One word a device: 0 = not known yet, else sms << 1 | clusters (sms >= 1), so that a
-  // reader sees either nothing or the whole entry; racing first calls store the same value.
-  static std::atomic<int> cache[kMaxDevices];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) dev = 0;
-  int word = cache[dev].load(std::memory_order_acquire);
-  if (word == 0) {
-    int sms = 0, major = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    word = (std::max(sms, 1) << 1) | (major >= 9 ? 1 : 0);
-    cache[dev].store(word, std::memory_order_release);
-  }
-  GemvDevice d;
-  d.sms = word >> 1;
-  d.clusters = (word & 1) != 0;
-  return d;
-}
 
 template <typename T, int NT, int CT, int UNROLL, bool XSMEM, int NSEG, int KS, int WARPS, int MINB = 0,
           bool NORM = false>
@@ -993,7 +966,7 @@ cudaError_t launch_segs(const GemvParams<T>& p, bool two, int tiles, size_t smem
 // (240 tiles) took 11.8 instead of 10.3 us, the LM head at M = 8 60.7 instead of 52.1 us.
 template <typename T, int NT, int CT, int UNROLL, bool XSMEM = false>
 cudaError_t launch_gemv(const GemvParams<T>& p, int tiles, int ks, size_t smem, cudaStream_t stream,
-                        const GemvDevice& dev) {
+                        const DeviceFacts& dev) {
   const bool two = p.prob[0].seg[1].K > 0 || p.prob[1].seg[1].K > 0 || p.norm.residual != nullptr;
   if constexpr (NT == 2 && CT == 2 && !XSMEM) {
     if (ks == 2) return launch_segs<T, NT, CT, UNROLL, XSMEM, 2, 8>(p, two, tiles, smem, stream);
@@ -1021,7 +994,7 @@ cudaError_t launch_gemv(const GemvParams<T>& p, int tiles, int ks, size_t smem, 
 // idle (fewer tiles than SMs) and K is long (>= 64 chunks of 128, 8 per warp). Measured on H100
 // at M = 16: mlp_down 17.9 -> 15.3 us, linear_sum (attn_out + mlp_down) 20.0 -> 18.9 us; with
 // K = 2560 (attn_out), at M = 1 (x staged once per block) and with clusters of 4 it was slower.
-int gemv_splits(int M, int tiles, int chunks, const GemvDevice& d) {
+int gemv_splits(int M, int tiles, int chunks, const DeviceFacts& d) {
   return (d.clusters && M > 8 && M <= 16 && tiles < d.sms && chunks >= 64) ? 2 : 1;
 }
 
@@ -1029,7 +1002,7 @@ int gemv_splits(int M, int tiles, int chunks, const GemvDevice& d) {
 template <typename T>
 cudaError_t launch_gemv_params(GemvParams<T>& p, int nprob, cudaStream_t stream) {
   const int M = p.M;
-  const GemvDevice dev = gemv_device();
+  const DeviceFacts dev = device_facts();
   // Two channel tiles a block for 9-16 rows, where x's L2 traffic matters (see gemv_kernel);
   // at 17-32 rows the x fragments alone take 64 registers, and a second tile would spill.
   const int ct = (M > 8 && M <= 16) ? 2 : 1;
@@ -1095,7 +1068,7 @@ double gemm_cost_us(int M, int N, int tiles, int KT, int S, int sms) {
   return body + (ks.used > 1 ? 4.0 + (double)ks.used * M * N * 8 / 5.0e6 : 0.0);
 }
 
-int gemm_splits(int M, int N, int K, const GemvDevice& d) {
+int gemm_splits(int M, int N, int K, const DeviceFacts& d) {
   const int tiles = ((N + BN - 1) / BN) * ((M + BM - 1) / BM);
   const int KT = (K + BK - 1) / BK;
   int best = 1;
@@ -1109,7 +1082,7 @@ int gemm_splits(int M, int N, int K, const GemvDevice& d) {
 
 template <typename T, bool GELU>
 cudaError_t launch_splitk_reduce(const float* partial, int S, const float* scales, const void* bias, void* y,
-                                 int M, int N, cudaStream_t stream, const GemvDevice& dev) {
+                                 int M, int N, cudaStream_t stream, const DeviceFacts& dev) {
   const size_t MN = (size_t)M * N;
   const bool v4 = N % 4 == 0;
   const size_t threads = v4 ? MN / 4 : MN;
@@ -1147,7 +1120,7 @@ cudaError_t launch(const void* x, const int8_t* w, const float* scales, const vo
                                                     used > 1 ? workspace : nullptr);
   e = cudaGetLastError();
   if (e != cudaSuccess || used == 1) return e;
-  return launch_splitk_reduce<T, GELU>(workspace, used, scales, bias, y, M, N, stream, gemv_device());
+  return launch_splitk_reduce<T, GELU>(workspace, used, scales, bias, y, M, N, stream, device_facts());
 }
 
 template <typename T>
@@ -1181,7 +1154,7 @@ cudaError_t launch2(const W8A16Linear2& a, int M, cudaStream_t stream) {
 
 int w8a16_linear_splits(int M, int N, int K, int requested) {
   if (M <= 32 || N == 0 || K == 0) return 1;
-  return KSplit((K + BK - 1) / BK, requested > 0 ? requested : gemm_splits(M, N, K, gemv_device())).used;
+  return KSplit((K + BK - 1) / BK, requested > 0 ? requested : gemm_splits(M, N, K, device_facts())).used;
 }
 
 cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, const void* bias, void* y,

@@ -1,0 +1,34 @@
+// Per-device facts the launchers of csrc/linear.cu and csrc/decode_attention.cu need, read once
+// per device and cached (cudaDeviceGetAttribute is cheap, but launches run on every decode step).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+
+struct DeviceFacts {
+  int dev = 0;            // current device (0 where it cannot be read or is out of range)
+  int sms = 1;            // multiprocessors
+  bool clusters = false;  // sm_90+: thread-block clusters with distributed shared memory
+};
+
+constexpr int kMaxCachedDevices = 64;
+
+inline DeviceFacts device_facts() {
+  // One word a device: 0 = not known yet, else sms << 1 | clusters (sms >= 1), so that a reader
+  // sees either nothing or the whole entry; racing first calls store the same value.
+  static std::atomic<int> cache[kMaxCachedDevices];
+  DeviceFacts f;
+  if (cudaGetDevice(&f.dev) != cudaSuccess || f.dev < 0 || f.dev >= kMaxCachedDevices) f.dev = 0;
+  int word = cache[f.dev].load(std::memory_order_acquire);
+  if (word == 0) {
+    int sms = 0, major = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, f.dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, f.dev);
+    word = (std::max(sms, 1) << 1) | (major >= 9 ? 1 : 0);
+    cache[f.dev].store(word, std::memory_order_release);
+  }
+  f.sms = word >> 1;
+  f.clusters = (word & 1) != 0;
+  return f;
+}
