@@ -33,7 +33,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from w8a16_ops._checks import dtype_name
 
-from .quant import EXACT_GELU, W8A16Linear, check_gpt_neox_model, lm_head_name, swap_linears
+from .quant import W8A16Linear, activation_problem, check_gpt_neox_model, lm_head_name, swap_linears
 from .sources import (MANIFEST_NAME, build_empty_model, check_gpt_neox_config, finalize_model,
                       materialize_buffers)
 
@@ -230,9 +230,9 @@ def load_quantized(ckpt_dir, device="cpu", dtype: torch.dtype | None = None) -> 
     except Exception as err:  # OSError / ValueError from HF
         raise CheckpointError(f"load_quantized: cannot read {ckpt / 'config.json'}: {err}") from err
     check_gpt_neox_config("load_quantized", config, f"checkpoint {str(ckpt)!r}")
-    if getattr(config, "hidden_act", None) not in EXACT_GELU:
-        _fail(f"config.hidden_act must be 'gelu' (the exact erf GeLU that w8a16.linear_gelu computes), "
-              f"got {getattr(config, 'hidden_act', None)!r}")
+    problem = activation_problem(config)
+    if problem:
+        _fail(problem)
 
     model = build_empty_model(config, dtype)
     head = lm_head_name(model)

@@ -22,6 +22,15 @@ LAYER_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to
 EXACT_GELU = ("gelu",)
 
 
+def activation_problem(config) -> str | None:
+    """Why a config's MLP activation cannot run as W8A16MLP (whose ``linear_gelu`` computes the
+    exact erf GeLU), or None when it can."""
+    act = getattr(config, "hidden_act", None)
+    if act in EXACT_GELU:
+        return None
+    return f"config.hidden_act must be 'gelu' (exact erf GeLU, fused into w8a16.linear_gelu), got {act!r}"
+
+
 class W8A16Linear(nn.Module):
     """``y = (x @ weight.T) * scales + bias`` with int8 weights, through ``torch.ops.w8a16.linear``.
 
@@ -200,9 +209,8 @@ def quantize_model(model: nn.Module, lm_head: bool = False, progress: bool = Fal
     if done:
         raise ValueError(f"quantize_model: model is already quantized ({len(done)} W8A16Linear modules, "
                          f"e.g. {done[0]!r}); quantize the original floating-point model instead")
-    act = getattr(model.config, "hidden_act", None)
-    if act not in EXACT_GELU:
-        raise ValueError(f"quantize_model: config.hidden_act must be 'gelu' (exact erf GeLU, fused into "
-                         f"w8a16.linear_gelu), got {act!r}")
+    problem = activation_problem(model.config)
+    if problem:
+        raise ValueError(f"quantize_model: {problem}")
     return swap_linears(model, quantizable_names(model, lm_head),
                         lambda name, linear: W8A16Linear.from_linear(linear), progress=progress)
