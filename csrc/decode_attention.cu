@@ -30,10 +30,16 @@
 // * Scores need the final max and sum of the (b, h): the raw logits go to a workspace
 //   [B*H, S] fp32 as they are computed and are normalised at the end, by the block itself
 //   (NS = 1) or by the combine kernel. That costs 8 extra bytes per token, against 4*D of K+V.
+// * Overlap (W8A16CacheStep::overlap, the decoder's decode steps; sm_90+): launched with
+//   programmatic dependent launch, the kernel reads seen / free_slot, requests its first tiles
+//   (the new token's slot left out, written from v_new later) and loads its slots' scores and
+//   positions while the QKV projection before it finishes; q, k_new, v_new and the rotary
+//   tables are read after pdl_wait(). Same results; see pdl.h and csrc/linear.cu.
 // * Alignment: q, k, v and out are normally 16-byte aligned (D % 8 == 0); views with an odd
 //   storage offset fall back to a synchronous, element-wise variant of the generic kernel.
 #include "decode_attention.h"
 #include "device_facts.h"
+#include "pdl.h"
 
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -85,6 +91,8 @@ struct Params {
   int* pos;               // [B*H, S] (evicting policies)
   int64_t* free_slot;     // [B*H]: slot of the new token (evicting); `full` uses slot = seen
   int budget, n_sink, recent;
+  int early;              // PDL (W8A16CacheStep::overlap): the cache, pos, scores, seen and free_slot
+                          // are read, and the first tiles requested, before pdl_wait()
 };
 
 // ---------------------------------------------------------------------------------------
@@ -363,6 +371,10 @@ __global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_k
   const int split = blockIdx.x - bh * p.splits;
   const int b = bh / p.H;
   const int h = bh - b * p.H;
+  if (!p.early) {
+    pdl_wait();
+    pdl_trigger();
+  }
   // An evicting step's free slot, read before the length so that the two loads overlap.
   const long long free_slot = p.k_new != nullptr && p.free_slot != nullptr ? p.free_slot[bh] : -1;
   // The new token's inputs are loaded next, before any tile: issued after the tiles' 20 KB per
@@ -373,33 +385,36 @@ __global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_k
   // though only the one holding the new slot uses them (2 * D elements).
   uint4 q_vec = make_uint4(0, 0, 0, 0);
   uint16_t in_q = 0, in_qp = 0, in_k = 0, in_kp = 0, in_c = 0, in_s = 0, in_v = 0;
-  const uint16_t* vn = nullptr;
-  if (p.k_new == nullptr) {
-    q_vec = load8<ALIGNED>(static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh + part * 8);
-  } else {
-    vn = static_cast<const uint16_t*>(p.v_new) + b * p.vn_sb + h * p.vn_sh;
-    if (tid < D) {
-      const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
-      const uint16_t* kn = static_cast<const uint16_t*>(p.k_new) + b * p.kn_sb + h * p.kn_sh;
-      in_q = qg[tid];
-      in_k = kn[tid];
-      in_v = vn[tid];
-      if (tid < p.rot_dim) {
-        const int R2 = p.rot_dim / 2;
-        const int pd = tid < R2 ? tid + R2 : tid - R2;
-        in_qp = qg[pd];
-        in_kp = kn[pd];
-        in_c = static_cast<const uint16_t*>(p.rot_cos)[tid];
-        in_s = static_cast<const uint16_t*>(p.rot_sin)[tid];
+  const uint16_t* vn = p.v_new != nullptr ? static_cast<const uint16_t*>(p.v_new) + b * p.vn_sb + h * p.vn_sh : nullptr;
+  auto load_inputs = [&]() {
+    if (p.k_new == nullptr) {
+      q_vec = load8<ALIGNED>(static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh + part * 8);
+    } else {
+      if (tid < D) {
+        const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
+        const uint16_t* kn = static_cast<const uint16_t*>(p.k_new) + b * p.kn_sb + h * p.kn_sh;
+        in_q = qg[tid];
+        in_k = kn[tid];
+        in_v = vn[tid];
+        if (tid < p.rot_dim) {
+          const int R2 = p.rot_dim / 2;
+          const int pd = tid < R2 ? tid + R2 : tid - R2;
+          in_qp = qg[pd];
+          in_kp = kn[pd];
+          in_c = static_cast<const uint16_t*>(p.rot_cos)[tid];
+          in_s = static_cast<const uint16_t*>(p.rot_sin)[tid];
+        }
       }
     }
-  }
+  };
+  if (!p.early) load_inputs();
   const int len = clamp_length(p, b);
   const int chunk = split_chunk(len, p.splits);
   const int s0 = split * chunk;
   const int s1 = min(len, s0 + chunk);
   if (s0 >= s1) {
     // Empty share. With one split that only happens for length 0: define out = 0.
+    pdl_wait();
     if (p.splits == 1)
       for (int d = tid; d < D; d += NT)
         reinterpret_cast<T*>(p.out)[(size_t)bh * D + d] = Elem<T>::from_float(0.f);
@@ -455,12 +470,13 @@ __global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_k
         const bool fresh = t0 + tok == new_slot;
         const uint16_t* vs = fresh ? vn + piece * 8 : vt + i * 8;
         if (fresh && knew_ready) sk[i] = reinterpret_cast<const uint4*>(s_knew)[piece];
+        const bool skipv = fresh && !knew_ready && p.early;  // v_new not readable yet: written later
         if constexpr (ALIGNED) {
           if (!fresh) cp_async16(sk + i, kt + i * 8);
-          cp_async16(sv + i, vs);
+          if (!skipv) cp_async16(sv + i, vs);
         } else {
           if (!fresh) sk[i] = load8<false>(kt + i * 8);
-          sv[i] = load8<false>(vs);
+          if (!skipv) sv[i] = load8<false>(vs);
         }
       }
     }
@@ -473,6 +489,11 @@ __global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_k
   }
   // Needed only at the end: issued behind the tiles.
   if (in_regs) load_slots<kKeep>(p, bh, warp * kTile + lane, s1, kWarps * kTile, nullptr, regs);
+  if (p.early) {
+    pdl_wait();
+    pdl_trigger();
+    load_inputs();
+  }
 
   float qf[8];
   if (p.k_new == nullptr) {
@@ -515,6 +536,7 @@ __global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_k
       if (j_new < (kGroups - 1) * TPI) {
         uint4* sk = s_kv + j_new * 2 * kTile * vec + (new_slot - s0 - j_new * kTile) * vec;
         for (int piece = tid; piece < vec; piece += NT) sk[piece] = reinterpret_cast<const uint4*>(s_knew)[piece];
+        if (p.early && tid < D) reinterpret_cast<uint16_t*>(sk + kTile * vec)[tid] = in_v;
       }
     }
   }
@@ -784,9 +806,17 @@ struct SplitConfig {
     *bpsm = n;
     return cudaSuccess;
   }
-  static cudaError_t launch(const Params& p, long long blocks, cudaStream_t stream) {
-    kernel()<<<(unsigned)blocks, NT, smem_bytes(p.vec), stream>>>(p);
-    return cudaGetLastError();
+  static cudaError_t launch(const Params& p, long long blocks, bool pdl, cudaStream_t stream) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)blocks);
+    cfg.blockDim = dim3(NT);
+    cfg.dynamicSmemBytes = smem_bytes(p.vec);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    if (pdl) pdl_attr(attr[0]);
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel(), p);
   }
 };
 
@@ -852,11 +882,12 @@ WorkspaceLayout workspace_layout(int B, int H, int S, int D, int splits) {
 template <typename T>
 cudaError_t launch_typed(Params p, int B, int H, bool aligned, cudaStream_t stream) {
   const long long pairs = (long long)B * H;
+  const bool pdl = p.early != 0;
   cudaError_t err = with_config<T>(p.D, aligned, [&](auto cfg) {
     int bpsm = 0;  // runs the one-time shared-memory setup of this kernel
     cudaError_t e = decltype(cfg)::blocks_per_sm(device_facts().dev, p.vec, &bpsm);
     if (e != cudaSuccess) return e;
-    return decltype(cfg)::launch(p, pairs * p.splits, stream);
+    return decltype(cfg)::launch(p, pairs * p.splits, pdl, stream);
   }, p.splits == 1);
   if (err != cudaSuccess || p.splits == 1) return err;
   const unsigned ny = p.scores != nullptr && p.free_slot == nullptr
@@ -939,6 +970,7 @@ cudaError_t w8a16_decode_attention(const void* q, long long q_sb, long long q_sh
   p.budget = st.budget;
   p.n_sink = st.n_sink;
   p.recent = st.recent;
+  p.early = step != nullptr && st.overlap && device_facts().clusters;  // PDL is sm_90+
   if (dtype_code == 0) return launch_typed<__half>(p, B, H, aligned, stream);
   return launch_typed<__nv_bfloat16>(p, B, H, aligned, stream);
 }

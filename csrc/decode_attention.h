@@ -23,6 +23,12 @@ struct W8A16CacheStep {
   int* pos = nullptr;             // [B, H, S] position held in each slot, -1 = empty
   int64_t* free_slot = nullptr;   // [B, H] the slot the new token goes to
   int budget = 0, n_sink = 0, recent = 0;
+  // Programmatic dependent launch (sm_90+; ignored below): the kernel may start while the
+  // previous kernel in the stream still runs, and reads the cache (k, v, pos, scores), seen and
+  // free_slot before it waits for that kernel (q, k_new, v_new, cos and sin after). The caller
+  // promises that the kernel launched just before this one writes none of those (true in a
+  // decode step, where that kernel is the QKV projection).
+  bool overlap = false;
 };
 
 size_t w8a16_decode_attention_workspace_bytes(int B, int H, int S, int D);

@@ -24,10 +24,13 @@
 //    Measured on H100 and rejected: split-K over blocks with a last-block reduction,
 //    at M = 16 staging x ([16, K], 80 KB at K = 2560) in shared memory (1.35x slower),
 //    clusters of 4, clusters at M = 1, split-K over blocks with a last-block reduction,
-//    register double-buffering, 16 warps per block (all slower than this); and
-//    programmatic dependent launch (load the first weights, then griddepcontrol.wait
-//    before x): 2.37 vs 2.14 ms per INT8 decode step, and the decoder's compiled and
-//    eager tokens then differed (tests/model_patch/test_decoder.py), so it is not used.
+//    register double-buffering, 16 warps per block (all slower than this).
+//    Programmatic dependent launch (pdl.h), only where the caller asks (W8A16Linear2::overlap,
+//    the decoder's decode steps): the kernel starts on the previous kernel's tail, loads its
+//    first weights and, for linear_sum, runs the whole second segment (the MLP down
+//    projection, whose input predates the attention kernel before it) before it waits.
+//    H100, batch 16, Pythia-2.8B shapes, with the cache op's early tiles: H2O step 2.68 ->
+//    2.55 ms. Two segments always run segment 1 first, so the flag never changes a result.
 //  * gemm (M > 32, prefill): 128x128x32 block tile, 8 warps of 64x32, 4-stage
 //    cp.async pipeline, x through ldmatrix from an XOR-swizzled tile, int8 w
 //    through 32-bit shared loads + one byte_perm that puts each thread's fragment
@@ -53,6 +56,7 @@
 
 #include "device_facts.h"
 #include "linear.h"
+#include "pdl.h"
 
 namespace {
 
@@ -233,6 +237,9 @@ struct GemvParams {
   int tiles0;            // channel tiles of the first problem: ceil(N / (16 * CT))
   int M;
   GemvNorm<T> norm;
+  // Programmatic dependent launch (W8A16Linear2::overlap): launched with the attribute, the
+  // kernel reads weights, scales and (two segments) segment 1's x before pdl_wait().
+  int early;
 };
 
 template <typename T, int NT, int CT, int UNROLL>
@@ -262,7 +269,7 @@ enum GemvX { XNONE, XG, XS };
 
 template <bool LOAD_W, GemvX X, typename T, int NT, int CT, int UNROLL, int NSEG>
 __device__ __forceinline__ void gemv_load(GemvRegs<T, NT, CT, UNROLL>& r, int c0, int stride,
-                                          const GemvThread<T, NT, CT, NSEG>& th) {
+                                          const GemvThread<T, NT, CT, NSEG>& th, int cend) {
   const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
@@ -278,7 +285,7 @@ __device__ __forceinline__ void gemv_load(GemvRegs<T, NT, CT, UNROLL>& r, int c0
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int off = kb + 64 * h + 16 * th.t;
-      const bool ok = c < th.nchunks && off < K;  // K % 16 == 0: a piece is all in or all out
+      const bool ok = c < cend && off < K;  // K % 16 == 0: a piece is all in or all out
       if constexpr (LOAD_W) {
 #pragma unroll
         for (int q = 0; q < 2 * CT; ++q) {
@@ -548,6 +555,14 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
   } else
 #endif
   {
+  // PDL (see pdl.h). Without `early` the kernel waits before any load; with it, the first
+  // weights (and linear_sum's whole segment 1) are loaded before the wait, which overlaps them
+  // with the tail of the previous kernel.
+  const bool early = P.early;
+  if (!early) {
+    pdl_wait();
+    pdl_trigger();
+  }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tile = blockIdx.x / KS;
   const int rank = KS > 1 ? blockIdx.x % KS : 0;  // == the block's rank in its cluster
@@ -592,34 +607,66 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
   // All UNROLL chunks' loads are issued before their math: decoding is latency-bound
   // as much as bandwidth-bound. (A register double-buffered variant, loading the next
   // round during this round's math, measured slower on H100: fewer warps fit per SM.)
+  auto waited = [&]() {
+    if (early) {
+      pdl_wait();
+      pdl_trigger();
+    }
+  };
+  // Two segments run segment 1 first (linear_sum: the MLP down projection, whose input is
+  // ready before the attention that precedes the call), with or without `early`, so that the
+  // order of the fp32 sums, hence the result, does not depend on it.
   if constexpr (XSMEM) {
     GemvRegs<T, NT, CT, UNROLL> r;
-    gemv_load<true, XNONE>(r, vw, STRIDE, th);  // the first weights, before x is staged
-    const uint32_t xs = static_cast<uint32_t>(__cvta_generic_to_shared(gemv_smem));
-    uint32_t dst = xs;
+    const uint32_t xs0 = static_cast<uint32_t>(__cvta_generic_to_shared(gemv_smem));
+    auto stage = [&](int sb, int se) {  // x of segments [sb, se) into shared memory
+      uint32_t dst = xs0;
 #pragma unroll
-    for (int s = 0; s < NSEG; ++s) {
-      const int pieces = M * th.K[s] / 8;
-      for (int i = threadIdx.x; i < pieces; i += WARPS * 32) cp_async16(dst + 16 * i, pr.seg[s].x + 8 * (size_t)i, true);
-      dst += 16 * pieces;
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    for (int c0 = vw; c0 < th.nchunks; c0 += STRIDE * UNROLL) {
-      if (c0 != vw) gemv_load<true, XNONE>(r, c0, STRIDE, th);
-      gemv_load<false, XS>(r, c0, STRIDE, th);
-      gemv_math<NSEG>(r, acc);
+      for (int s = 0; s < NSEG; ++s) {
+        const int pieces = M * th.K[s] / 8;
+        if (s >= sb && s < se)
+          for (int i = threadIdx.x; i < pieces; i += WARPS * 32) cp_async16(dst + 16 * i, pr.seg[s].x + 8 * (size_t)i, true);
+        dst += 16 * pieces;
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+    };
+    auto run = [&](int cb, int ce) {  // chunks [cb, ce); the first round's weights are loaded
+      for (int c0 = cb + vw; c0 < ce; c0 += STRIDE * UNROLL) {
+        if (c0 != cb + vw) gemv_load<true, XNONE>(r, c0, STRIDE, th, ce);
+        gemv_load<false, XS>(r, c0, STRIDE, th, ce);
+        gemv_math<NSEG>(r, acc);
+      }
+    };
+    if constexpr (NSEG == 2) {
+      gemv_load<true, XNONE>(r, th.nch0 + vw, STRIDE, th, th.nchunks);
+      stage(early ? 1 : 0, 2);
+      run(th.nch0, th.nchunks);
+      waited();
+      gemv_load<true, XNONE>(r, vw, STRIDE, th, th.nch0);
+      if (early) stage(0, 1);
+      run(0, th.nch0);
+    } else {
+      gemv_load<true, XNONE>(r, vw, STRIDE, th, th.nchunks);  // the first weights, before x is staged
+      waited();
+      stage(0, 1);
+      run(0, th.nchunks);
     }
   } else {
     // x from L2, each round's weight and x loads issued together (hoisting the first
     // round's weights ahead of x, as the staged path does, made M = 16 up to 1.5x slower
     // on H100).
-    for (int c0 = vw; c0 < th.nchunks; c0 += STRIDE * UNROLL) {
-      GemvRegs<T, NT, CT, UNROLL> r;
-      gemv_load<true, XG>(r, c0, STRIDE, th);
-      gemv_math<NSEG>(r, acc);
-    }
+    auto run = [&](int cb, int ce) {
+      for (int c0 = cb + vw; c0 < ce; c0 += STRIDE * UNROLL) {
+        GemvRegs<T, NT, CT, UNROLL> r;
+        gemv_load<true, XG>(r, c0, STRIDE, th, ce);
+        gemv_math<NSEG>(r, acc);
+      }
+    };
+    if constexpr (NSEG == 2) run(th.nch0, th.nchunks);
+    waited();
+    run(0, th.nch0);
   }
   if constexpr (NSEG == 1) {
     const float* scales = pr.seg[0].scales;
@@ -928,24 +975,24 @@ cudaError_t launch_gemv_kernel(const GemvParams<T>& p, int tiles, size_t smem, c
   constexpr int minb = MINB > 0 ? MINB : gemv_min_blocks<NT, CT, NSEG>() * 8 / WARPS;
   auto kernel = gemv_kernel<T, NT, CT, WARPS, UNROLL, XSMEM, NSEG, KS, minb, NORM>;
   const size_t bytes = XSMEM ? smem : 0;
-  if constexpr (KS == 1) {
-    kernel<<<tiles, WARPS * 32, bytes, stream>>>(p);
-    return cudaSuccess;
-  } else {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(tiles * KS);
-    cfg.blockDim = dim3(WARPS * 32);
-    cfg.dynamicSmemBytes = bytes;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = KS;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, kernel, p);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(tiles * KS);
+  cfg.blockDim = dim3(WARPS * 32);
+  cfg.dynamicSmemBytes = bytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  int n = 0;
+  if constexpr (KS > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = KS;
+    attr[n].val.clusterDim.y = 1;
+    attr[n].val.clusterDim.z = 1;
+    ++n;
   }
+  if (p.early) pdl_attr(attr[n++]);
+  cfg.attrs = attr;
+  cfg.numAttrs = n;
+  return cudaLaunchKernelEx(&cfg, kernel, p);
 }
 
 // One or two segments, or linear_sum_norm (two segments and the norm tail).
@@ -1018,6 +1065,7 @@ cudaError_t launch_gemv_params(GemvParams<T>& p, int nprob, cudaStream_t stream)
   }
   if (tiles == 0) return cudaSuccess;
   const int ks = gemv_splits(M, tiles, chunks, dev);
+  if (!dev.clusters) p.early = 0;  // PDL is sm_90+
   // x staged in shared memory when it fits the default 48 KB (M = 1 up to K = 24576):
   // measured on H100 at M = 1, 3-8% faster per shape than x from L2 (2 or 3 chunks per round,
   // or 4 staged, were no better).
@@ -1132,6 +1180,7 @@ cudaError_t launch2(const W8A16Linear2& a, int M, cudaStream_t stream) {
     p.prob[pi].seg[si] = make_seg<T>(a.x[i], a.w[i], a.scales[i], a.bias[i], a.K[i]);
   }
   const int nprob = a.sum ? 1 : 2;
+  p.early = a.overlap;
   if (a.sum && a.norm_y[0]) {
     p.norm.residual = static_cast<const T*>(a.residual);
     for (int i = 0; i < 2; ++i) {

@@ -42,5 +42,11 @@ struct W8A16Linear2 {
   void* norm_y[2] = {nullptr, nullptr};
   float eps = 1e-5f;
   int* workspace = nullptr;
+  // Programmatic dependent launch (sm_90+; ignored below): the kernel may start while the
+  // previous kernel in the stream still runs, and reads w, scales and, with sum == true, x[1]
+  // before it waits for that kernel. The caller promises that none of them is written by the
+  // kernel launched just before this one (true of model weights, and of linear_sum's MLP input
+  // in a decoder layer, where the attention runs in between).
+  bool overlap = false;
 };
 cudaError_t w8a16_linear2(const W8A16Linear2& args, int M, int dtype_code, cudaStream_t stream);

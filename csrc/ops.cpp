@@ -101,6 +101,10 @@ struct Linear2Inputs {
       args.K[i] = (int)w[i].size(1);
     }
   }
+  // Linear i's weight, scales and bias are the given tensors, not copies.
+  bool uncopied(const at::Tensor& wi, const at::Tensor& si, const c10::optional<at::Tensor>& bi, int i) const {
+    return w[i].is_same(wi) && s[i].is_same(si) && (!bi.has_value() || b[i].is_same(*bi));
+  }
 };
 
 // w8a16.linear_pair (sum = false): [y1, y2], and w8a16.linear_sum (sum = true): [y]. Up to 32
@@ -108,7 +112,7 @@ struct Linear2Inputs {
 std::vector<at::Tensor> linear2(const at::Tensor& x1, const at::Tensor& w1, const at::Tensor& s1,
                                 const c10::optional<at::Tensor>& b1, const at::Tensor& x2, const at::Tensor& w2,
                                 const at::Tensor& s2, const c10::optional<at::Tensor>& b2, bool gelu1, bool gelu2,
-                                bool sum) {
+                                bool sum, bool overlap) {
   TORCH_CHECK(x1.is_cuda() && x2.is_cuda() && w1.dim() == 2 && w2.dim() == 2 && w1.is_contiguous() &&
                   w2.is_contiguous() && x1.scalar_type() == x2.scalar_type() &&
                   x1.sizes().slice(0, x1.dim() - 1) == x2.sizes().slice(0, x2.dim() - 1) &&
@@ -141,6 +145,9 @@ std::vector<at::Tensor> linear2(const at::Tensor& x1, const at::Tensor& w1, cons
   args.gelu[0] = gelu1;
   args.gelu[1] = gelu2;
   args.sum = sum;
+  // Read before the previous kernel ends (see linear.h): only the caller's own tensors, never a
+  // copy made here, whose copy kernel would be that previous kernel.
+  args.overlap = overlap && in.uncopied(w1, s1, b1, 0) && in.uncopied(w2, s2, b2, 1) && (!sum || in.x[1].is_same(x2));
   if (M == 0) return out;
   const cudaError_t err = w8a16_linear2(args, (int)M, dtype_code(x1.scalar_type()),
                                         c10::cuda::getCurrentCUDAStream().stream());
@@ -230,7 +237,8 @@ at::Tensor cache_attention(const at::Tensor& q, const at::Tensor& k_new, const a
                            const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seen,
                            double scale, const c10::optional<at::Tensor>& pos, const c10::optional<at::Tensor>& free,
                            const c10::optional<at::Tensor>& scores, int64_t budget, int64_t n_sink, int64_t recent,
-                           const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin) {
+                           const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
+                           bool overlap) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && k_new.dim() == 3 && v_new.dim() == 3 && k_cache.dim() == 4 &&
                   k_cache.is_contiguous() && v_cache.is_contiguous() && seen.scalar_type() == at::kLong &&
                   pos.has_value() == free.has_value() && (!pos.has_value() || pos->is_contiguous()) &&
@@ -248,6 +256,7 @@ at::Tensor cache_attention(const at::Tensor& q, const at::Tensor& k_new, const a
   step.vn_sb = vn.stride(0);
   step.vn_sh = vn.stride(1);
   step.seen = seen.data_ptr<int64_t>();
+  step.overlap = overlap;  // what it reads early (cache, pos, scores, seen, free) is never copied
   if (cos.has_value()) {
     step.rot_cos = cos->data_ptr();
     step.rot_sin = sin->data_ptr();
@@ -271,7 +280,7 @@ at::Tensor cache_attention(const at::Tensor& q, const at::Tensor& k_new, const a
 TORCH_LIBRARY(w8a16_cuda, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias, bool gelu) -> Tensor");
   m.def("linear2(Tensor x1, Tensor weight1, Tensor scales1, Tensor? bias1, Tensor x2, Tensor weight2, "
-        "Tensor scales2, Tensor? bias2, bool gelu1, bool gelu2, bool sum) -> Tensor[]");
+        "Tensor scales2, Tensor? bias2, bool gelu1, bool gelu2, bool sum, bool overlap) -> Tensor[]");
   m.def("linear_sum_norm(Tensor x1, Tensor weight1, Tensor scales1, Tensor? bias1, Tensor x2, Tensor weight2, "
         "Tensor scales2, Tensor? bias2, Tensor residual, Tensor norm_weight1, Tensor norm_bias1, "
         "Tensor norm_weight2, Tensor norm_bias2, float eps, Tensor(a!) workspace) -> Tensor[]");
@@ -279,7 +288,7 @@ TORCH_LIBRARY(w8a16_cuda, m) {
         "Tensor(a!)? scores=None) -> Tensor");
   m.def("cache_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor seen, float scale, Tensor(c!)? pos, Tensor(d!)? free, Tensor(e!)? scores, int budget, "
-        "int n_sink, int recent, Tensor? cos, Tensor? sin) -> Tensor");
+        "int n_sink, int recent, Tensor? cos, Tensor? sin, bool overlap) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(w8a16_cuda, CUDA, m) {

@@ -184,6 +184,10 @@ class KVCache(nn.Module):
         self.n_layers, self.batch_size, self.n_heads, self.head_dim = n_layers, batch_size, n_heads, head_dim
         self.capacity = capacity
         self.scale = head_dim ** -0.5
+        # Decode ops launched with overlap=True (programmatic dependent launch, see
+        # w8a16_ops): set by a Decoder, whose QKV projection, the kernel before each cache op,
+        # writes none of the buffers here.
+        self.overlap = False
         shape = (batch_size, n_heads, capacity, head_dim)
         self.k = self._layer_buffers("k", shape, 0, dtype, device)
         self.v = self._layer_buffers("v", shape, 0, dtype, device)
@@ -261,7 +265,8 @@ class FullCache(KVCache):
         # `seen` and attends over the seen + 1 filled slots.
         cos, sin = self._rotary(cos, sin)
         out = torch.ops.w8a16.cache_attention_full(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.k[layer],
-                                                   self.v[layer], self.seen, self.scale, cos, sin)
+                                                   self.v[layer], self.seen, self.scale, cos, sin,
+                                                   overlap=self.overlap)
         if layer == self.n_layers - 1:
             self.length.copy_((self.seen + 1).to(torch.int32).expand(self.batch_size))
         return out.unsqueeze(2)
@@ -361,7 +366,7 @@ class EvictingCache(KVCache):
         out = torch.ops.w8a16.cache_attention_evict(
             q[:, :, 0], k[:, :, 0], v[:, :, 0], self.k[layer], self.v[layer], self.pos[layer], self.free[layer],
             self.seen, self.scale, self.budget, self.n_sink, self.recent,
-            self.scores[layer] if self.uses_scores else None, cos, sin)
+            self.scores[layer] if self.uses_scores else None, cos, sin, overlap=self.overlap)
         if layer == self.n_layers - 1:
             self.length.copy_(torch.clamp(self.seen + 1, max=self.budget).to(torch.int32).expand(B))
         return out.unsqueeze(2)

@@ -67,14 +67,19 @@ for _name, _gelu in (("linear", False), ("linear_gelu", True)):
 # fp32). At decode sizes each W8A16 launch pays a few microseconds of fixed cost (ramp-up,
 # tail, launch gap); two launches per layer instead of four save that twice.
 _L2 = "Tensor x1, Tensor weight1, Tensor scales1, Tensor? bias1, Tensor x2, Tensor weight2, Tensor scales2, Tensor? bias2"
-_lib.define(f"linear_pair({_L2}, bool gelu1=False, bool gelu2=False) -> (Tensor, Tensor)")
-_lib.define(f"linear_sum({_L2}) -> Tensor")
+# overlap=True (CUDA, sm_90+; a scheduling hint with the same result, ignored elsewhere): the kernel
+# is launched with programmatic dependent launch and reads its weights, scales and biases (and
+# linear_sum's x2) before the kernel launched just before it has finished, overlapping that
+# kernel's tail. Pass it only when the previous kernel writes none of those: true of model
+# weights, and of x2 in a decoder layer, where the attention runs between the two ops.
+_lib.define(f"linear_pair({_L2}, bool gelu1=False, bool gelu2=False, bool overlap=False) -> (Tensor, Tensor)")
+_lib.define(f"linear_sum({_L2}, bool overlap=False) -> Tensor")
 _LP, _LS = "w8a16.linear_pair", "w8a16.linear_sum"
 
 
 def _pair_impl(kind: str):
     # kind: "cpu", "cuda" or "fake"
-    def impl(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, gelu1=False, gelu2=False):
+    def impl(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, gelu1=False, gelu2=False, overlap=False):
         check_linear2(_LP, x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, same_n=False)
         if kind == "fake":
             return (x1.new_empty((*x1.shape[:-1], weight1.shape[0])), x2.new_empty((*x2.shape[:-1], weight2.shape[0])))
@@ -82,12 +87,12 @@ def _pair_impl(kind: str):
             return reference.linear_pair(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, gelu1, gelu2)
         _require_kernels(_LP)
         return torch.ops.w8a16_cuda.linear2(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2,
-                                            gelu1, gelu2, False)
+                                            gelu1, gelu2, False, overlap)
     return impl
 
 
 def _sum_impl(kind: str):
-    def impl(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2):
+    def impl(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, overlap=False):
         check_linear2(_LS, x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, same_n=True)
         if kind == "fake":
             return x1.new_empty((*x1.shape[:-1], weight1.shape[0]))
@@ -95,7 +100,7 @@ def _sum_impl(kind: str):
             return reference.linear_sum(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2)
         _require_kernels(_LS)
         return torch.ops.w8a16_cuda.linear2(x1, weight1, scales1, bias1, x2, weight2, scales2, bias2,
-                                            False, False, True)[0]
+                                            False, False, True, overlap)[0]
     return impl
 
 
@@ -200,11 +205,11 @@ for _name in ("_decode_attention", "_decode_attention_scored"):
 # composite pattern as decode_attention for the optional, mutated `scores`.
 _lib.define(
     "cache_attention_full(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-    "Tensor seen, float scale, Tensor? cos=None, Tensor? sin=None) -> Tensor"
+    "Tensor seen, float scale, Tensor? cos=None, Tensor? sin=None, bool overlap=False) -> Tensor"
 )
 _EVICT_ARGS = ("Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) pos, "
                "Tensor(d!) free, Tensor seen, float scale, int budget, int n_sink, int recent")
-_ROT = "Tensor? cos=None, Tensor? sin=None"
+_ROT = "Tensor? cos=None, Tensor? sin=None, bool overlap=False"
 _lib.define(f"cache_attention_evict({_EVICT_ARGS}, Tensor(e!)? scores=None, {_ROT}) -> Tensor")
 _lib.define(f"_cache_attention_evict({_EVICT_ARGS}, {_ROT}) -> Tensor")
 _lib.define(f"_cache_attention_evict_scored({_EVICT_ARGS}, Tensor(e!) scores, {_ROT}) -> Tensor")
@@ -214,16 +219,16 @@ _CE = "w8a16.cache_attention_evict"
 
 @torch.library.impl("w8a16::cache_attention_evict", "CompositeImplicitAutograd", lib=_lib)
 def _cache_attention_evict(q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent,
-                           scores=None, cos=None, sin=None):
+                           scores=None, cos=None, sin=None, overlap=False):
     args = (q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent)
     if scores is None:
-        return torch.ops.w8a16._cache_attention_evict(*args, cos, sin)
-    return torch.ops.w8a16._cache_attention_evict_scored(*args, scores, cos, sin)
+        return torch.ops.w8a16._cache_attention_evict(*args, cos, sin, overlap)
+    return torch.ops.w8a16._cache_attention_evict_scored(*args, scores, cos, sin, overlap)
 
 
 def _full_impl(kind: str):
     # kind: "cpu", "cuda" or "fake"
-    def impl(q, k_new, v_new, k_cache, v_cache, seen, scale, cos=None, sin=None):
+    def impl(q, k_new, v_new, k_cache, v_cache, seen, scale, cos=None, sin=None, overlap=False):
         check_cache_attention(_CF, q, k_new, v_new, k_cache, v_cache, seen, None, cos, sin)
         if kind == "fake":
             return torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -231,7 +236,7 @@ def _full_impl(kind: str):
             return reference.cache_attention_full(q, k_new, v_new, k_cache, v_cache, seen, scale, cos, sin)
         _require_kernels(_CF)
         return torch.ops.w8a16_cuda.cache_attention(q, k_new, v_new, k_cache, v_cache, seen, scale,
-                                                    None, None, None, 0, 0, 0, cos, sin)
+                                                    None, None, None, 0, 0, 0, cos, sin, overlap)
     return impl
 
 
@@ -241,7 +246,7 @@ torch.library.register_fake("w8a16::cache_attention_full", lib=_lib)(_full_impl(
 
 
 def _evict_run(kind, q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent, scores,
-               cos, sin):
+               cos, sin, overlap):
     # kind: "cpu", "cuda" or "fake"
     check_cache_attention(_CE, q, k_new, v_new, k_cache, v_cache, seen, (pos, free, scores, budget, n_sink, recent),
                           cos, sin)
@@ -252,18 +257,19 @@ def _evict_run(kind, q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, 
                                                n_sink, recent, scores, cos, sin)
     _require_kernels(_CE)
     return torch.ops.w8a16_cuda.cache_attention(q, k_new, v_new, k_cache, v_cache, seen, scale, pos, free, scores,
-                                                budget, n_sink, recent, cos, sin)
+                                                budget, n_sink, recent, cos, sin, overlap)
 
 
 def _evict_impls(kind: str):
-    def plain(q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent, cos=None, sin=None):
+    def plain(q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent, cos=None, sin=None,
+              overlap=False):
         return _evict_run(kind, q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent,
-                          None, cos, sin)
+                          None, cos, sin, overlap)
 
     def scored(q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent, scores, cos=None,
-               sin=None):
+               sin=None, overlap=False):
         return _evict_run(kind, q, k_new, v_new, k_cache, v_cache, pos, free, seen, scale, budget, n_sink, recent,
-                          scores, cos, sin)
+                          scores, cos, sin, overlap)
     return plain, scored
 
 

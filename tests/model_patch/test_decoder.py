@@ -273,6 +273,22 @@ def test_decode_step_replays_a_cuda_graph(kv, int8, cuda_neox):
     assert launches >= 3, f"no CUDA graph replay seen; events: {sorted(set(names))[:40]}"
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv", ["full", "h2o:6,6"])
+@pytest.mark.parametrize("B", [2, 12])
+def test_cuda_overlap_changes_no_result(kv, B, cuda_neox):
+    # overlap=True (programmatic dependent launch of the decode step's linears and cache op,
+    # sm_90+) is a scheduling change only: same log-probs and tokens, bit for bit.
+    model = cuda_neox(True)
+    ids = torch.randint(0, 256, (B, 48), device="cuda")
+    runs = []
+    for overlap in (False, True):
+        dec = Decoder(model, batch_size=B, max_len=64, kv=kv, overlap=overlap)
+        runs.append((dec.teacher_force(ids, prefill_len=8), dec.generate(ids[:, :8], 24)))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
 def _assert_same_greedy(eager_dec: Decoder, eager: torch.Tensor, out: torch.Tensor, T: int) -> None:
     """out == eager, except where a row first diverges at a near-tie of the eager distribution:
     fused (compiled) and unfused (eager) fp16 kernels round differently."""
