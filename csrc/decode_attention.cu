@@ -371,10 +371,7 @@ __global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_k
   const int split = blockIdx.x - bh * p.splits;
   const int b = bh / p.H;
   const int h = bh - b * p.H;
-  if (!p.early) {
-    pdl_wait();
-    pdl_trigger();
-  }
+  if (!p.early) pdl_wait_and_trigger();
   // An evicting step's free slot, read before the length so that the two loads overlap.
   const long long free_slot = p.k_new != nullptr && p.free_slot != nullptr ? p.free_slot[bh] : -1;
   // The new token's inputs are loaded next, before any tile: issued after the tiles' 20 KB per
@@ -490,8 +487,7 @@ __global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_k
   // Needed only at the end: issued behind the tiles.
   if (in_regs) load_slots<kKeep>(p, bh, warp * kTile + lane, s1, kWarps * kTile, nullptr, regs);
   if (p.early) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_wait_and_trigger();
     load_inputs();
   }
 
@@ -807,16 +803,7 @@ struct SplitConfig {
     return cudaSuccess;
   }
   static cudaError_t launch(const Params& p, long long blocks, bool pdl, cudaStream_t stream) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)blocks);
-    cfg.blockDim = dim3(NT);
-    cfg.dynamicSmemBytes = smem_bytes(p.vec);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    if (pdl) pdl_attr(attr[0]);
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, kernel(), p);
+    return launch_kernel(kernel(), dim3((unsigned)blocks), dim3(NT), smem_bytes(p.vec), stream, pdl, 1, p);
   }
 };
 

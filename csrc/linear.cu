@@ -559,10 +559,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
   // weights (and linear_sum's whole segment 1) are loaded before the wait, which overlaps them
   // with the tail of the previous kernel.
   const bool early = P.early;
-  if (!early) {
-    pdl_wait();
-    pdl_trigger();
-  }
+  if (!early) pdl_wait_and_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tile = blockIdx.x / KS;
   const int rank = KS > 1 ? blockIdx.x % KS : 0;  // == the block's rank in its cluster
@@ -608,10 +605,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
   // as much as bandwidth-bound. (A register double-buffered variant, loading the next
   // round during this round's math, measured slower on H100: fewer warps fit per SM.)
   auto waited = [&]() {
-    if (early) {
-      pdl_wait();
-      pdl_trigger();
-    }
+    if (early) pdl_wait_and_trigger();
   };
   // Two segments run segment 1 first (linear_sum: the MLP down projection, whose input is
   // ready before the attention that precedes the call), with or without `early`, so that the
@@ -975,24 +969,7 @@ cudaError_t launch_gemv_kernel(const GemvParams<T>& p, int tiles, size_t smem, c
   constexpr int minb = MINB > 0 ? MINB : gemv_min_blocks<NT, CT, NSEG>() * 8 / WARPS;
   auto kernel = gemv_kernel<T, NT, CT, WARPS, UNROLL, XSMEM, NSEG, KS, minb, NORM>;
   const size_t bytes = XSMEM ? smem : 0;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(tiles * KS);
-  cfg.blockDim = dim3(WARPS * 32);
-  cfg.dynamicSmemBytes = bytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  int n = 0;
-  if constexpr (KS > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = KS;
-    attr[n].val.clusterDim.y = 1;
-    attr[n].val.clusterDim.z = 1;
-    ++n;
-  }
-  if (p.early) pdl_attr(attr[n++]);
-  cfg.attrs = attr;
-  cfg.numAttrs = n;
-  return cudaLaunchKernelEx(&cfg, kernel, p);
+  return launch_kernel(kernel, dim3(tiles * KS), dim3(WARPS * 32), bytes, stream, p.early != 0, KS, p);
 }
 
 // One or two segments, or linear_sum_norm (two segments and the norm tail).

@@ -187,8 +187,7 @@ class Decoder:
             config.hidden_size // config.num_attention_heads, max_len, self.dtype, self.device)
         # What the cache op reads early under overlap (the cache, pos, scores, seen, free) is written
         # by the previous step or by cache.advance(), never by the QKV projection just before it.
-        self.cache.overlap = bool(overlap)
-        self._overlap = bool(overlap)
+        self.cache.overlap = bool(overlap)  # also read by the fused linears (one setting)
         self._seq_limit = sequence_limit(self.cache)
         self._prompt_limit = prompt_limit(self.cache)
         self._rope_scaling = float(getattr(self.neox.rotary_emb, "attention_scaling", 1.0))
@@ -272,7 +271,7 @@ class Decoder:
         # before this one, so it may be read early (w8a16_ops linear_sum).
         return torch.ops.w8a16.linear_sum(ctx, dense.weight, dense.scales, dense.bias,
                                           h, down.weight, down.scales, down.bias,
-                                          overlap=self._overlap and not prefill) + x
+                                          overlap=self.cache.overlap and not prefill) + x
 
     def _pair_and_attention(self, layer: nn.Module, i: int, n1: torch.Tensor, n2: torch.Tensor, cos: torch.Tensor,
                             sin: torch.Tensor, prefill: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,7 +280,7 @@ class Decoder:
         qkv_m, up = layer.attention.query_key_value, layer.mlp.dense_h_to_4h
         qkv, h = torch.ops.w8a16.linear_pair(n1, qkv_m.weight, qkv_m.scales, qkv_m.bias,
                                               n2, up.weight, up.scales, up.bias, gelu2=True,
-                                              overlap=self._overlap and not prefill)
+                                              overlap=self.cache.overlap and not prefill)
         return policy_attention_core(layer.attention, qkv, cos, sin, self.cache, i, prefill), h  # ctx [B, T, hidden]
 
     def _forward_norm_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int) -> torch.Tensor:
