@@ -39,6 +39,7 @@
 //   storage offset fall back to a synchronous, element-wise variant of the generic kernel.
 #include "decode_attention.h"
 #include "device_facts.h"
+#include "half2.h"
 #include "pdl.h"
 
 #include <cuda_runtime.h>
@@ -100,20 +101,13 @@ struct Params {
 
 template <typename T> struct Elem;
 template <> struct Elem<__half> {
-  static __device__ __forceinline__ float2 pair(uint32_t w) {
-    __half2_raw r;
-    r.x = static_cast<unsigned short>(w & 0xffffu);
-    r.y = static_cast<unsigned short>(w >> 16);
-    return __half22float2(__half2(r));
-  }
+  static __device__ __forceinline__ float2 pair(uint32_t w) { return Half2<__half>::unpack(w); }
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
   static __device__ __forceinline__ float to_f(uint16_t u) { return __half2float(__ushort_as_half(u)); }
   static __device__ __forceinline__ uint16_t bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
 };
 template <> struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ float2 pair(uint32_t w) {
-    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
-  }
+  static __device__ __forceinline__ float2 pair(uint32_t w) { return Half2<__nv_bfloat16>::unpack(w); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) {
     return __float2bfloat16_rn(x);
   }

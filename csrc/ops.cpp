@@ -12,6 +12,7 @@
 
 #include "decode_attention.h"
 #include "linear.h"
+#include "norm.h"
 
 #include <cstdint>
 #include <cstdlib>
@@ -200,6 +201,35 @@ std::vector<at::Tensor> linear_sum_norm(const at::Tensor& x1, const at::Tensor& 
   return out;
 }
 
+// w8a16.add_norm_pair: [y = a + b, layer_norm_1(y), layer_norm_2(y)] over the last dim, one
+// launch. The public op sends shapes the kernel does not take (norm.h) to the reference.
+std::vector<at::Tensor> add_norm_pair(const at::Tensor& a, const at::Tensor& b, const at::Tensor& w1,
+                                      const at::Tensor& c1, const at::Tensor& w2, const at::Tensor& c2, double eps,
+                                      bool overlap) {
+  const int64_t N = a.size(-1);
+  TORCH_CHECK(a.is_cuda() && a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
+                  w8a16_add_norm_pair_supported(N) && w1.numel() == N && c1.numel() == N && w2.numel() == N &&
+                  c2.numel() == N,
+              "w8a16_cuda.add_norm_pair: internal op called with unchecked arguments");
+  const c10::cuda::CUDAGuard guard(a.device());
+  const at::Tensor ac = contiguous16(a), bc = contiguous16(b);
+  const at::Tensor par[4] = {contiguous16(w1), contiguous16(c1), contiguous16(w2), contiguous16(c2)};
+  // overlap reads the parameters early: only safe on the caller's tensors, never on copies made
+  // just now (by a kernel launched right before this one).
+  const bool own = par[0].is_same(w1) && par[1].is_same(c1) && par[2].is_same(w2) && par[3].is_same(c2);
+  std::vector<at::Tensor> out = {at::empty(a.sizes(), a.options()), at::empty(a.sizes(), a.options()),
+                                 at::empty(a.sizes(), a.options())};
+  const int64_t M = a.numel() / N;
+  TORCH_CHECK(M <= INT32_MAX, "w8a16_cuda.add_norm_pair: too many rows");
+  if (M == 0) return out;
+  const cudaError_t err = w8a16_add_norm_pair(
+      ac.data_ptr(), bc.data_ptr(), par[0].data_ptr(), par[1].data_ptr(), par[2].data_ptr(), par[3].data_ptr(),
+      out[0].data_ptr(), out[1].data_ptr(), out[2].data_ptr(), (int)M, (int)N, (float)eps,
+      dtype_code(a.scalar_type()), overlap && own, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "w8a16.add_norm_pair: kernel launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
 // Shared launcher of decode_attention and cache_attention (step != nullptr). q is [B, H, D]
 // with a unit last stride.
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int* length,
@@ -284,6 +314,8 @@ TORCH_LIBRARY(w8a16_cuda, m) {
   m.def("linear_sum_norm(Tensor x1, Tensor weight1, Tensor scales1, Tensor? bias1, Tensor x2, Tensor weight2, "
         "Tensor scales2, Tensor? bias2, Tensor residual, Tensor norm_weight1, Tensor norm_bias1, "
         "Tensor norm_weight2, Tensor norm_bias2, float eps, Tensor(a!) workspace) -> Tensor[]");
+  m.def("add_norm_pair(Tensor a, Tensor b, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, "
+        "float eps, bool overlap) -> Tensor[]");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor length, float scale, "
         "Tensor(a!)? scores=None) -> Tensor");
   m.def("cache_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
@@ -295,6 +327,7 @@ TORCH_LIBRARY_IMPL(w8a16_cuda, CUDA, m) {
   m.impl("linear", &linear);
   m.impl("linear2", &linear2);
   m.impl("linear_sum_norm", &linear_sum_norm);
+  m.impl("add_norm_pair", &add_norm_pair);
   m.impl("decode_attention", &decode_attention);
   m.impl("cache_attention", &cache_attention);
 }

@@ -10,7 +10,8 @@ layer norms, ``query_key_value``/``dense`` through ``attention.policy_attention`
 FP16/BF16/FP32 models and W8A16-quantized ones alike. In a W8A16 parallel-residual
 layer (every Pythia) the four linears run as two ops by default: ``w8a16.linear_pair``
 (QKV and MLP-up + GeLU) and ``w8a16.linear_sum`` (attention dense + MLP-down); see
-``Decoder(fuse=...)``.
+``Decoder(fuse=...)``; in decode steps each residual add and the next layer's two layer norms
+run as one ``w8a16.add_norm_pair`` (``Decoder(add_norm=...)``).
 
 The decode step (``decode_step``) is one function, compiled once per decoder with
 ``torch.compile(mode="reduce-overhead", fullgraph=True)`` on CUDA (passed as that mode's
@@ -76,16 +77,16 @@ def _register_inductor_fallbacks() -> None:
 
     Inductor registers a custom op's fallback the first time it meets the op in a graph, and
     first formats a log line that prints the op's arguments as IR, recursively through every
-    producer (torch 2.11). With ``linear_sum_norm`` the layers form one unbroken chain of custom
-    ops, so that text for the LM head's ``w8a16.linear`` (first met after the last layer) grows
-    exponentially with the depth: a 32-layer compile did not finish in minutes. Registered here,
-    no such text is built. Private inductor API, hence the guard: without it, compiling still
+    producer (torch 2.11). With ``linear_sum_norm`` or ``add_norm_pair`` the layers form one
+    unbroken chain of custom ops, so that text for the LM head's ``w8a16.linear`` (first met
+    after the last layer) grows exponentially with the depth: a 32-layer compile did not finish
+    in minutes. Registered here, no such text is built. Private inductor API, hence the guard: without it, compiling still
     works on shallow models."""
     try:
         from torch._inductor.lowering import lowerings, make_fallback
     except ImportError:  # pragma: no cover - another torch layout
         return
-    for name in ("linear", "linear_gelu", "linear_pair", "linear_sum", "linear_sum_norm"):
+    for name in ("linear", "linear_gelu", "linear_pair", "linear_sum", "linear_sum_norm", "add_norm_pair"):
         op = getattr(torch.ops.w8a16, name).default
         if op not in lowerings:
             make_fallback(op, warn=False)
@@ -139,6 +140,13 @@ class Decoder:
             into the ``linear_sum`` launch: ``w8a16.linear_sum_norm``, one kernel fewer per
             layer. Off by default: on an H100 (Pythia-2.8B shapes) it measured ~1% slower per
             step than the inductor norm kernels it replaces (docs/kernels.md).
+        add_norm: with ``fuse`` and every layer fused (and ``fuse_norm`` off), decode steps run
+            each residual add and the next layer's two layer norms as one
+            ``w8a16.add_norm_pair`` launch instead of an inductor kernel, so that with
+            ``overlap`` it too starts on ``linear_sum``'s tail and ``linear_pair`` on its own
+            (the final norm after the last layer stays a torch op). Norms in fp32 from the
+            rounded residual sum, like torch's; the rounding of their outputs may differ from
+            inductor's by one unit in the last place.
         overlap: in decode steps, launch the fused linears and the cache op with programmatic
             dependent launch (``overlap=True`` of ``w8a16.linear_pair``, ``linear_sum`` and
             the ``cache_attention`` ops; CUDA sm_90+, ignored elsewhere). Each kernel then
@@ -157,7 +165,8 @@ class Decoder:
     """
 
     def __init__(self, model: nn.Module, *, batch_size: int, max_len: int, kv: str | PolicySpec = "full",
-                 compile: bool | None = None, fuse: bool = True, fuse_norm: bool = False, overlap: bool = True):
+                 compile: bool | None = None, fuse: bool = True, fuse_norm: bool = False, add_norm: bool = True,
+                 overlap: bool = True):
         from .quant import check_gpt_neox_model
 
         check_gpt_neox_model("Decoder", model)
@@ -196,6 +205,9 @@ class Decoder:
         # Decode steps fold the residual and the next norms into linear_sum (linear_sum_norm).
         self._norm_fused = (bool(fuse_norm) and self.fused_layers == len(self._fused) > 0
                             and _norms_fusable(self.neox))
+        # Or run the residual add and the next norms as their own op (add_norm_pair).
+        self._add_norm = (bool(add_norm) and not self._norm_fused and self.fused_layers == len(self._fused) > 0
+                          and _norms_fusable(self.neox))
         if self._norm_fused:
             import w8a16_ops
 
@@ -210,7 +222,7 @@ class Decoder:
         self._steps = {True: self._step_eager, False: self._step_eager}
         self._step_codes = []
         if self.compiled:
-            if self._norm_fused:
+            if self._norm_fused or self._add_norm:
                 _register_inductor_fallbacks()
             # Private copies of the step's code object, one per variant: dynamo caches
             # compiled graphs per code object, so each decoder compiles each variant once,
@@ -247,6 +259,8 @@ class Decoder:
         x = self.neox.embed_in(input_ids)  # [B, T, hidden]
         if self._norm_fused and not prefill:
             return self._forward_norm_fused(x, cos, sin, T)
+        if self._add_norm and not prefill:
+            return self._forward_add_norm(x, cos, sin, T)
         for i, layer in enumerate(self.neox.layers):
             if self._fused[i]:
                 x = self._fused_layer(layer, i, x, cos, sin, prefill)
@@ -297,6 +311,27 @@ class Decoder:
                 x, a.weight, a.bias, b.weight, b.bias, a.eps, self._norm_ws)
         self.cache.advance(T)
         return n1
+
+    def _forward_add_norm(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int) -> torch.Tensor:
+        """The decode-step layers with add_norm_pair: each layer ends with linear_sum, then one op
+        adds the residual and applies the next layer's two norms (after the last layer, the add
+        and the final norm as torch ops)."""
+        layers, overlap = self.neox.layers, self.cache.overlap
+        n1, n2 = layers[0].input_layernorm(x), layers[0].post_attention_layernorm(x)
+        for i, layer in enumerate(layers):
+            ctx, h = self._pair_and_attention(layer, i, n1, n2, cos, sin, False)
+            dense, down = layer.attention.dense, layer.mlp.dense_4h_to_h
+            s = torch.ops.w8a16.linear_sum(ctx, dense.weight, dense.scales, dense.bias,
+                                           h, down.weight, down.scales, down.bias, overlap=overlap)
+            if i + 1 < len(layers):
+                a, b = _next_norms(self.neox, i)
+                # overlap: the norm weights are parameters, never written by linear_sum.
+                x, n1, n2 = torch.ops.w8a16.add_norm_pair(s, x, a.weight, a.bias, b.weight, b.bias, a.eps,
+                                                          overlap=overlap)
+            else:
+                x = s + x
+        self.cache.advance(T)
+        return self.neox.final_layer_norm(x)
 
     def _step_eager(self, tokens: torch.Tensor, targets: torch.Tensor | None):
         # The decode step. Compiled as one graph (a private copy of this code, see __init__).

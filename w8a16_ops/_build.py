@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ["ops.cpp", "linear.cu", "decode_attention.cu"]
+_SOURCES = ["ops.cpp", "linear.cu", "decode_attention.cu", "norm.cu"]
 _state: dict = {"loaded": False, "error": None}
 
 

@@ -146,6 +146,29 @@ def check_linear_sum_norm(op: str, x1: torch.Tensor, weight1: torch.Tensor, scal
         _fail(op, f"workspace must be contiguous, got strides {list(workspace.stride())}")
 
 
+def check_add_norm_pair(op: str, a: torch.Tensor, b: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor,
+                        weight2: torch.Tensor, bias2: torch.Tensor, eps: float) -> None:
+    """Validate the arguments of w8a16.add_norm_pair: a [..., N] (an activation dtype, N >= 1),
+    b like a, the four norm tensors [N] in a's dtype (the CUDA kernel reads them as a's type),
+    eps > 0."""
+    norms = [("weight1", weight1), ("bias1", bias1), ("weight2", weight2), ("bias2", bias2)]
+    _check_devices(op, [("a", a), ("b", b), *norms])
+    allowed, allowed_txt = _act_dtypes(a.device)
+    if a.dtype not in allowed:
+        _fail(op, f"a must be {allowed_txt}, got {dtype_name(a.dtype)}")
+    if a.dim() < 1 or a.shape[-1] < 1:
+        _fail(op, f"a must have shape [..., N] with N >= 1, got {_desc(a)}")
+    dt, N = dtype_name(a.dtype), a.shape[-1]
+    if b.dtype != a.dtype or b.shape != a.shape:
+        _fail(op, f"b must be {dt} of shape {list(a.shape)} (like a), got {_desc(b)}")
+    for name, t in norms:
+        if t.dtype != a.dtype or t.dim() != 1 or t.shape[0] != N:
+            _fail(op, f"{name} must be {dt} of shape [{N}] (norm weights and biases take a's dtype), got {_desc(t)}")
+    if not eps > 0:  # also refuses nan
+        _fail(op, f"eps must be > 0, got {eps}")
+    _check_capability(op, a.device)
+
+
 def _check_query(op: str, q: torch.Tensor) -> tuple[int, int, int]:
     allowed, allowed_txt = _act_dtypes(q.device)
     if q.dtype not in allowed:

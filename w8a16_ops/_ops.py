@@ -14,8 +14,8 @@ import torch
 
 from . import reference
 from ._build import load_extension
-from ._checks import (check_cache_attention, check_decode_attention, check_linear, check_linear2,
-                      check_linear_sum_norm, norm_workspace_numel)
+from ._checks import (check_add_norm_pair, check_cache_attention, check_decode_attention, check_linear,
+                      check_linear2, check_linear_sum_norm, norm_workspace_numel)
 
 _lib = torch.library.Library("w8a16", "DEF")  # noqa: TOR901 - kept alive for the process
 _lib.define("linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias=None) -> Tensor")
@@ -157,6 +157,38 @@ for _name, _make in (("linear_pair", _pair_impl), ("linear_sum", _sum_impl), ("l
     torch.library.impl(f"w8a16::{_name}", "CPU", lib=_lib)(_make("cpu"))
     torch.library.impl(f"w8a16::{_name}", "CUDA", lib=_lib)(_make("cuda"))
     torch.library.register_fake(f"w8a16::{_name}", lib=_lib)(_make("fake"))
+
+# add_norm_pair: the residual add at the end of a parallel-residual layer and the next layer's two
+# layer norms, [y = a + b, norm1(y), norm2(y)], as one launch. The decoder runs it between
+# linear_sum and linear_pair; with overlap=True (same meaning as above: CUDA sm_90+, same result)
+# it reads the norm weights and biases before the previous kernel ends, and lets linear_pair start
+# on its own tail. Pass overlap only when the previous kernel writes none of the four.
+_lib.define("add_norm_pair(Tensor a, Tensor b, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, "
+            "float eps, bool overlap=False) -> (Tensor, Tensor, Tensor)")
+_ANP = "w8a16.add_norm_pair"
+_MAX_NORM_WIDTH = 8192  # the CUDA kernel: one thread per 8 channels, one block of <= 1024 per row
+
+
+def _add_norm_impl(kind: str):
+    # kind: "cpu", "cuda" or "fake"
+    def impl(a, b, weight1, bias1, weight2, bias2, eps, overlap=False):
+        check_add_norm_pair(_ANP, a, b, weight1, bias1, weight2, bias2, eps)
+        if kind == "fake":
+            return tuple(torch.empty_like(a, memory_format=torch.contiguous_format) for _ in range(3))
+        if kind == "cuda":
+            _require_kernels(_ANP)
+            if a.shape[-1] % 8 == 0 and a.shape[-1] <= _MAX_NORM_WIDTH:
+                y, n1, n2 = torch.ops.w8a16_cuda.add_norm_pair(a, b, weight1, bias1, weight2, bias2, eps, overlap)
+                return y, n1, n2
+        # CPU, and widths the kernel does not take (N % 8 != 0 or N > 8192): the reference.
+        y, n1, n2 = reference.add_norm_pair(a, b, weight1, bias1, weight2, bias2, eps)
+        return y.contiguous(), n1.contiguous(), n2.contiguous()
+    return impl
+
+
+torch.library.impl("w8a16::add_norm_pair", "CPU", lib=_lib)(_add_norm_impl("cpu"))
+torch.library.impl("w8a16::add_norm_pair", "CUDA", lib=_lib)(_add_norm_impl("cuda"))
+torch.library.register_fake("w8a16::add_norm_pair", lib=_lib)(_add_norm_impl("fake"))
 
 # decode_attention is one public op with an optional, mutated `scores`. Inductor
 # cannot functionalize an optional mutable argument that is None (torch 2.11-2.13:

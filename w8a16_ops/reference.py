@@ -71,6 +71,16 @@ def layer_norm_pair(h: torch.Tensor, norm_weight1: torch.Tensor, norm_bias1: tor
                  for w, b in ((norm_weight1, norm_bias1), (norm_weight2, norm_bias2)))
 
 
+def add_norm_pair(a: torch.Tensor, b: torch.Tensor, norm_weight1: torch.Tensor, norm_bias1: torch.Tensor,
+                  norm_weight2: torch.Tensor, norm_bias2: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The residual add that ends a parallel-residual layer and the next layer's two norms:
+    ``y = a + b`` (in fp32, rounded once to a's dtype, like torch's add of two fp16 tensors), then
+    ``layer_norm_pair(y, ...)``. Returns (y, n1, n2), each shaped and typed like a."""
+    y = (a.float() + b.float()).to(a.dtype)
+    return (y, *layer_norm_pair(y, norm_weight1, norm_bias1, norm_weight2, norm_bias2, eps))
+
+
 def linear_sum_norm(x1: torch.Tensor, weight1: torch.Tensor, scales1: torch.Tensor, bias1: torch.Tensor | None,
                     x2: torch.Tensor, weight2: torch.Tensor, scales2: torch.Tensor, bias2: torch.Tensor | None,
                     residual: torch.Tensor, norm_weight1: torch.Tensor, norm_bias1: torch.Tensor,

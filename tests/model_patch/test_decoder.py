@@ -62,23 +62,27 @@ def test_int8_model_matches_its_hf_forward(make_neox, hf_greedy, hf_logprobs):
 
 def test_fused_linears_match_unfused(make_neox, monkeypatch):
     # Decoder(fuse=True) runs a W8A16 parallel-residual layer as w8a16.linear_pair +
-    # w8a16.linear_sum; fuse=False as four linears; fuse_norm=True folds the residual and the
-    # next norms into w8a16.linear_sum_norm in decode steps. Same numbers up to rounding.
+    # w8a16.linear_sum; fuse=False as four linears. In decode steps, add_norm=True (the default)
+    # runs each residual add and the next layer's norms as w8a16.add_norm_pair (not after the
+    # last layer), fuse_norm=True folds them into w8a16.linear_sum_norm. Same numbers up to rounding.
     model = quantize_model(make_neox("d64", layers=3))
     ids = torch.randint(0, 256, (2, 20))
     plain = Decoder(model, batch_size=2, max_len=32, compile=False, fuse=False)
     lp_plain = plain.teacher_force(ids, prefill_len=6)
-    for fuse_norm, n_sum, n_norm in ((False, 3 * (1 + 13), 0), (True, 3, 3 * 13)):
-        fused = Decoder(model, batch_size=2, max_len=32, compile=False, fuse_norm=fuse_norm)
+    names = ("linear_pair", "linear_sum", "linear_sum_norm", "add_norm_pair")
+    for kw, counts in ((dict(add_norm=False), (3 * 14, 3 * 14, 0, 0)),
+                       (dict(), (3 * 14, 3 * 14, 0, 2 * 13)),
+                       (dict(fuse_norm=True), (3 * 14, 3, 3 * 13, 0))):
+        fused = Decoder(model, batch_size=2, max_len=32, compile=False, **kw)
         assert (fused.fused_layers, plain.fused_layers) == (3, 0)
         calls = []
         with monkeypatch.context() as mp:
-            for name in ("linear_pair", "linear_sum", "linear_sum_norm"):
+            for name in names:
                 op = getattr(torch.ops.w8a16, name)
                 mp.setattr(torch.ops.w8a16, name, lambda *a, _op=op, _n=name, **k: calls.append(_n) or _op(*a, **k))
             lp_fused = fused.teacher_force(ids, prefill_len=6)
-        assert calls.count("linear_pair") == 3 * (1 + 13)  # layers x (prefill + steps)
-        assert (calls.count("linear_sum"), calls.count("linear_sum_norm")) == (n_sum, n_norm)
+        # layers x (prefill + 13 steps); the norm ops per step: between layers / after each layer
+        assert tuple(calls.count(n) for n in names) == counts, kw
         torch.testing.assert_close(lp_fused, lp_plain, rtol=0, atol=2e-5)
         assert torch.equal(fused.generate(ids[:, :6], 12), plain.generate(ids[:, :6], 12))
 
@@ -344,13 +348,16 @@ def test_cuda_compiled_generate_equals_eager(load_tiny_neox_a, kv, int8):
         _assert_same_greedy(eager_dec, eager, compiled.generate(ids, 40), T)
 
 
-def test_norm_fused_compiled_equals_eager(make_neox):
-    # fuse_norm=True: the decode step's residual adds and norms run in w8a16.linear_sum_norm
-    # (its CPU reference here), traced whole by torch.compile.
+@pytest.mark.parametrize("norm", ["fuse_norm", "add_norm"])
+def test_norm_ops_compiled_equals_eager(make_neox, norm):
+    # fuse_norm=True: the decode step's residual adds and norms run in w8a16.linear_sum_norm;
+    # add_norm (the default): in w8a16.add_norm_pair (their CPU references here), traced whole
+    # by torch.compile.
     model = quantize_model(make_neox("d16", layers=3))
-    eager = Decoder(model, batch_size=2, max_len=48, compile=False, fuse_norm=True)
-    compiled = Decoder(model, batch_size=2, max_len=48, compile=True, fuse_norm=True)
-    assert eager._norm_fused and compiled._norm_fused
+    kw = dict(fuse_norm=True) if norm == "fuse_norm" else {}
+    eager = Decoder(model, batch_size=2, max_len=48, compile=False, **kw)
+    compiled = Decoder(model, batch_size=2, max_len=48, compile=True, **kw)
+    assert all(getattr(d, "_norm_fused" if norm == "fuse_norm" else "_add_norm") for d in (eager, compiled))
     ids = torch.randint(0, 256, (2, 30))
     torch.testing.assert_close(compiled.teacher_force(ids, 8), eager.teacher_force(ids, 8), rtol=0, atol=1e-5)
     assert torch.equal(compiled.generate(ids[:, :8], 16), eager.generate(ids[:, :8], 16))
