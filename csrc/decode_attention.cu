@@ -34,7 +34,8 @@
 //   programmatic dependent launch, the kernel reads seen / free_slot, requests its first tiles
 //   (the new token's slot left out, written from v_new later) and loads its slots' scores and
 //   positions while the QKV projection before it finishes; q, k_new, v_new and the rotary
-//   tables are read after pdl_wait(). Same results; see pdl.h and csrc/linear.cu.
+//   tables are read after pdl_wait(). The combine kernel (split S) is launched the same way and
+//   waits before it reads anything. Same results; see pdl.h and csrc/linear.cu.
 // * Alignment: q, k, v and out are normally 16-byte aligned (D % 8 == 0); views with an odd
 //   storage offset fall back to a synchronous, element-wise variant of the generic kernel.
 #include "decode_attention.h"
@@ -701,6 +702,10 @@ template <typename T>
 __global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kernel(const Params p) {
   __shared__ float s_w[kMaxSplits];  // 2^(m_i - M) / L
   __shared__ float s_stat[2];        // M, 1 / L
+  // Under overlap the combine is launched with programmatic dependent launch too: it waits for
+  // the split kernel before reading anything, and then lets the next kernel (linear_sum, whose
+  // MLP segment needs nothing from the attention) launch on its tail.
+  pdl_wait_and_trigger();
   const int bh = blockIdx.x;
   const int b = bh / p.H;
   const int tid = threadIdx.x;
@@ -873,8 +878,8 @@ cudaError_t launch_typed(Params p, int B, int H, bool aligned, cudaStream_t stre
   if (err != cudaSuccess || p.splits == 1) return err;
   const unsigned ny = p.scores != nullptr && p.free_slot == nullptr
                          ? (unsigned)((p.S + kScoreChunk - 1) / kScoreChunk) : 1u;
-  decode_attention_combine_kernel<T><<<dim3((unsigned)pairs, ny), kCombineThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(decode_attention_combine_kernel<T>, dim3((unsigned)pairs, ny), dim3(kCombineThreads), 0,
+                       stream, pdl, 1, p);
 }
 
 }  // namespace
