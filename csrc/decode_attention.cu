@@ -371,9 +371,10 @@ __global__ void __launch_bounds__(NT, TPI == 2 ? 4 : 1) decode_attention_split_k
   const long long free_slot = p.k_new != nullptr && p.free_slot != nullptr ? p.free_slot[bh] : -1;
   // The new token's inputs are loaded next, before any tile: issued after the tiles' 20 KB per
   // block they queued behind them, and the cache step's prologue took 6.0 us instead of 2.0
-  // (H100, B = 16, H = 32, 505 slots; the call gains ~0.5 us, the loop then waits for the tiles). Plain attention: this thread's 8 elements of q. Cache
-  // step: element d = tid of q, k_new and v_new (NT >= D in every configuration), and of the
-  // rotary partners and cos / sin where d < rot_dim. k_new and v_new are read by every block,
+  // (H100, B = 16, H = 32, 505 slots; the call gains ~0.5 us, the loop then waits for the tiles).
+  // Plain attention: this thread's 8 elements of q. Cache step: element d = tid of q, k_new and
+  // v_new (NT >= D in every configuration), and of the rotary partners and cos / sin where
+  // d < rot_dim. k_new and v_new are read by every block,
   // though only the one holding the new slot uses them (2 * D elements).
   uint4 q_vec = make_uint4(0, 0, 0, 0);
   uint16_t in_q = 0, in_qp = 0, in_k = 0, in_kp = 0, in_c = 0, in_s = 0, in_v = 0;
@@ -956,7 +957,7 @@ cudaError_t w8a16_decode_attention(const void* q, long long q_sb, long long q_sh
   p.budget = st.budget;
   p.n_sink = st.n_sink;
   p.recent = st.recent;
-  p.early = step != nullptr && st.overlap && device_facts().clusters;  // PDL is sm_90+
+  p.early = step != nullptr && st.overlap && device_facts().pdl();
   if (dtype_code == 0) return launch_typed<__half>(p, B, H, aligned, stream);
   return launch_typed<__nv_bfloat16>(p, B, H, aligned, stream);
 }

@@ -1,4 +1,4 @@
-// Per-device facts the launchers of csrc/linear.cu and csrc/decode_attention.cu need, read once
+// Per-device facts the launchers of csrc/linear.cu, csrc/decode_attention.cu and csrc/norm.cu need, read once
 // per device and cached (cudaDeviceGetAttribute is cheap, but launches run on every decode step).
 #pragma once
 #include <cuda_runtime.h>
@@ -10,6 +10,7 @@ struct DeviceFacts {
   int dev = 0;            // current device (0 where it cannot be read or is out of range)
   int sms = 1;            // multiprocessors
   bool clusters = false;  // sm_90+: thread-block clusters with distributed shared memory
+  bool pdl() const { return clusters; }  // programmatic dependent launch (pdl.h): sm_90+ too
 };
 
 constexpr int kMaxCachedDevices = 64;

@@ -1042,7 +1042,7 @@ cudaError_t launch_gemv_params(GemvParams<T>& p, int nprob, cudaStream_t stream)
   }
   if (tiles == 0) return cudaSuccess;
   const int ks = gemv_splits(M, tiles, chunks, dev);
-  if (!dev.clusters) p.early = 0;  // PDL is sm_90+
+  if (!dev.pdl()) p.early = 0;
   // x staged in shared memory when it fits the default 48 KB (M = 1 up to K = 24576):
   // measured on H100 at M = 1, 3-8% faster per shape than x from L2 (2 or 3 chunks per round,
   // or 4 staged, were no better).

@@ -137,7 +137,7 @@ cudaError_t w8a16_add_norm_pair(const void* a, const void* b, const void* w1, co
   p.cols = (float)N;
   p.eps = eps;
   const int threads = (p.vecs + 31) / 32 * 32;
-  const bool pdl = overlap && device_facts().clusters;  // PDL is sm_90+
+  const bool pdl = overlap && device_facts().pdl();
   if (dtype_code == 0)
     return launch_kernel(add_norm_pair_kernel<__half>, dim3((unsigned)M), dim3(threads), 0, stream, pdl, 1, p);
   return launch_kernel(add_norm_pair_kernel<__nv_bfloat16>, dim3((unsigned)M), dim3(threads), 0, stream, pdl, 1, p);

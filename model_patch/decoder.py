@@ -80,8 +80,8 @@ def _register_inductor_fallbacks() -> None:
     producer (torch 2.11). With ``linear_sum_norm`` or ``add_norm_pair`` the layers form one
     unbroken chain of custom ops, so that text for the LM head's ``w8a16.linear`` (first met
     after the last layer) grows exponentially with the depth: a 32-layer compile did not finish
-    in minutes. Registered here, no such text is built. Private inductor API, hence the guard: without it, compiling still
-    works on shallow models."""
+    in minutes. Registered here, no such text is built. Private inductor API, hence the guard:
+    without it, compiling still works on shallow models."""
     try:
         from torch._inductor.lowering import lowerings, make_fallback
     except ImportError:  # pragma: no cover - another torch layout
@@ -147,9 +147,10 @@ class Decoder:
             (the final norm after the last layer stays a torch op). Norms in fp32 from the
             rounded residual sum, like torch's; the rounding of their outputs may differ from
             inductor's by one unit in the last place.
-        overlap: in decode steps, launch the fused linears and the cache op with programmatic
-            dependent launch (``overlap=True`` of ``w8a16.linear_pair``, ``linear_sum`` and
-            the ``cache_attention`` ops; CUDA sm_90+, ignored elsewhere). Each kernel then
+        overlap: in decode steps, launch the fused linears, ``add_norm_pair`` and the cache op
+            with programmatic dependent launch (``overlap=True`` of ``w8a16.linear_pair``,
+            ``linear_sum``, ``add_norm_pair`` and the ``cache_attention`` ops; CUDA sm_90+,
+            ignored elsewhere). Each kernel then
             starts on the previous kernel's tail: the cache op requests its first K/V tiles
             while the QKV projection finishes, and ``linear_sum`` runs the MLP down
             projection while the attention finishes. Same results either way (H100,
@@ -202,12 +203,11 @@ class Decoder:
         self._rope_scaling = float(getattr(self.neox.rotary_emb, "attention_scaling", 1.0))
         self._fused = [bool(fuse) and _fusable(layer) for layer in self.neox.layers]
         self.fused_layers = sum(self._fused)
-        # Decode steps fold the residual and the next norms into linear_sum (linear_sum_norm).
-        self._norm_fused = (bool(fuse_norm) and self.fused_layers == len(self._fused) > 0
-                            and _norms_fusable(self.neox))
-        # Or run the residual add and the next norms as their own op (add_norm_pair).
-        self._add_norm = (bool(add_norm) and not self._norm_fused and self.fused_layers == len(self._fused) > 0
-                          and _norms_fusable(self.neox))
+        # Decode steps fold the residual and the next norms into linear_sum (linear_sum_norm), or
+        # run them as their own op (add_norm_pair): every layer fused, every norm a plain LayerNorm.
+        chainable = self.fused_layers == len(self._fused) > 0 and _norms_fusable(self.neox)
+        self._norm_fused = bool(fuse_norm) and chainable
+        self._add_norm = bool(add_norm) and chainable and not self._norm_fused
         if self._norm_fused:
             import w8a16_ops
 
@@ -257,10 +257,8 @@ class Decoder:
         inv_freq = self.neox.rotary_emb.inv_freq  # [R / 2], used as fp32 like HF
         cos, sin = rotary_cos_sin(inv_freq, positions, self._rope_scaling, self.dtype)  # [1, T, R]
         x = self.neox.embed_in(input_ids)  # [B, T, hidden]
-        if self._norm_fused and not prefill:
-            return self._forward_norm_fused(x, cos, sin, T)
-        if self._add_norm and not prefill:
-            return self._forward_add_norm(x, cos, sin, T)
+        if (self._norm_fused or self._add_norm) and not prefill:
+            return self._forward_norm_chain(x, cos, sin, T)
         for i, layer in enumerate(self.neox.layers):
             if self._fused[i]:
                 x = self._fused_layer(layer, i, x, cos, sin, prefill)
@@ -280,12 +278,17 @@ class Decoder:
         """x + attn(ln1(x)) + mlp(ln2(x)) of a W8A16 parallel-residual layer, in two linear ops."""
         ctx, h = self._pair_and_attention(layer, i, layer.input_layernorm(x), layer.post_attention_layernorm(x),
                                           cos, sin, prefill)
+        return self._output_projections(layer, ctx, h, prefill) + x
+
+    def _output_projections(self, layer: nn.Module, ctx: torch.Tensor, h: torch.Tensor,
+                            prefill: bool) -> torch.Tensor:
+        """``linear_sum``: the attention dense on ctx plus the MLP down projection on h."""
         dense, down = layer.attention.dense, layer.mlp.dense_4h_to_h
         # overlap: h (x2) comes from linear_pair, before the attention kernel that runs just
         # before this one, so it may be read early (w8a16_ops linear_sum).
         return torch.ops.w8a16.linear_sum(ctx, dense.weight, dense.scales, dense.bias,
                                           h, down.weight, down.scales, down.bias,
-                                          overlap=self.cache.overlap and not prefill) + x
+                                          overlap=self.cache.overlap and not prefill)
 
     def _pair_and_attention(self, layer: nn.Module, i: int, n1: torch.Tensor, n2: torch.Tensor, cos: torch.Tensor,
                             sin: torch.Tensor, prefill: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,41 +300,31 @@ class Decoder:
                                               overlap=self.cache.overlap and not prefill)
         return policy_attention_core(layer.attention, qkv, cos, sin, self.cache, i, prefill), h  # ctx [B, T, hidden]
 
-    def _forward_norm_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int) -> torch.Tensor:
-        """The decode-step layers with linear_sum_norm: each layer ends with x + attn + mlp and the
-        next layer's two norms (the final norm after the last layer) in one op."""
+    def _forward_norm_chain(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int) -> torch.Tensor:
+        """The decode-step layers when each layer's end also applies the next layer's two norms:
+        ``linear_sum_norm`` (``fuse_norm``: x + attn + mlp and the norms in one op, the final norm
+        after the last layer) or ``linear_sum`` then ``add_norm_pair`` (``add_norm``: after the
+        last layer, the add and the final norm as torch ops)."""
         layers = self.neox.layers
         n1, n2 = layers[0].input_layernorm(x), layers[0].post_attention_layernorm(x)
         for i, layer in enumerate(layers):
             ctx, h = self._pair_and_attention(layer, i, n1, n2, cos, sin, False)
-            dense, down = layer.attention.dense, layer.mlp.dense_4h_to_h
             a, b = _next_norms(self.neox, i)
-            x, n1, n2 = torch.ops.w8a16.linear_sum_norm(
-                ctx, dense.weight, dense.scales, dense.bias, h, down.weight, down.scales, down.bias,
-                x, a.weight, a.bias, b.weight, b.bias, a.eps, self._norm_ws)
+            if self._norm_fused:
+                dense, down = layer.attention.dense, layer.mlp.dense_4h_to_h
+                x, n1, n2 = torch.ops.w8a16.linear_sum_norm(
+                    ctx, dense.weight, dense.scales, dense.bias, h, down.weight, down.scales, down.bias,
+                    x, a.weight, a.bias, b.weight, b.bias, a.eps, self._norm_ws)
+            elif i + 1 < len(layers):
+                # overlap: the norm weights are parameters, never written by linear_sum.
+                x, n1, n2 = torch.ops.w8a16.add_norm_pair(self._output_projections(layer, ctx, h, False), x,
+                                                          a.weight, a.bias, b.weight, b.bias, a.eps,
+                                                          overlap=self.cache.overlap)
+            else:
+                x = self._output_projections(layer, ctx, h, False) + x
+                n1 = self.neox.final_layer_norm(x)
         self.cache.advance(T)
         return n1
-
-    def _forward_add_norm(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int) -> torch.Tensor:
-        """The decode-step layers with add_norm_pair: each layer ends with linear_sum, then one op
-        adds the residual and applies the next layer's two norms (after the last layer, the add
-        and the final norm as torch ops)."""
-        layers, overlap = self.neox.layers, self.cache.overlap
-        n1, n2 = layers[0].input_layernorm(x), layers[0].post_attention_layernorm(x)
-        for i, layer in enumerate(layers):
-            ctx, h = self._pair_and_attention(layer, i, n1, n2, cos, sin, False)
-            dense, down = layer.attention.dense, layer.mlp.dense_4h_to_h
-            s = torch.ops.w8a16.linear_sum(ctx, dense.weight, dense.scales, dense.bias,
-                                           h, down.weight, down.scales, down.bias, overlap=overlap)
-            if i + 1 < len(layers):
-                a, b = _next_norms(self.neox, i)
-                # overlap: the norm weights are parameters, never written by linear_sum.
-                x, n1, n2 = torch.ops.w8a16.add_norm_pair(s, x, a.weight, a.bias, b.weight, b.bias, a.eps,
-                                                          overlap=overlap)
-            else:
-                x = s + x
-        self.cache.advance(T)
-        return self.neox.final_layer_norm(x)
 
     def _step_eager(self, tokens: torch.Tensor, targets: torch.Tensor | None):
         # The decode step. Compiled as one graph (a private copy of this code, see __init__).

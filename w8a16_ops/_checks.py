@@ -113,6 +113,18 @@ def norm_workspace_numel(n: int) -> int:
     return 4 + 64 * -(-int(n) // 16)
 
 
+def _check_norms(op: str, norms: list[tuple[str, torch.Tensor]], dtype: torch.dtype, N: int, act: str,
+                 eps: float) -> None:
+    """Layer-norm weights and biases: [N] in the activation's dtype (the CUDA kernels read them as
+    that type, so float32 ones are refused rather than rounded behind the caller's back); eps > 0."""
+    for name, t in norms:
+        if t.dtype != dtype or t.dim() != 1 or t.shape[0] != N:
+            _fail(op, f"{name} must be {dtype_name(dtype)} of shape [{N}] (norm weights and biases take {act}'s "
+                      f"dtype), got {_desc(t)}")
+    if not eps > 0:  # also refuses nan
+        _fail(op, f"eps must be > 0, got {eps}")
+
+
 def check_linear_sum_norm(op: str, x1: torch.Tensor, weight1: torch.Tensor, scales1: torch.Tensor,
                           bias1: torch.Tensor | None, x2: torch.Tensor, weight2: torch.Tensor,
                           scales2: torch.Tensor, bias2: torch.Tensor | None, residual: torch.Tensor,
@@ -132,12 +144,7 @@ def check_linear_sum_norm(op: str, x1: torch.Tensor, weight1: torch.Tensor, scal
     out = [*x1.shape[:-1], N]
     if residual.dtype != x1.dtype or list(residual.shape) != out:
         _fail(op, f"residual must be {dt} of shape {out} (x's leading dims, then N), got {_desc(residual)}")
-    for name, t in norms:
-        if t.dtype != x1.dtype or t.dim() != 1 or t.shape[0] != N:
-            _fail(op, f"{name} must be {dt} of shape [{N}] (norm weights and biases take x's dtype), "
-                      f"got {_desc(t)}")
-    if not eps > 0:  # also refuses nan
-        _fail(op, f"eps must be > 0, got {eps}")
+    _check_norms(op, norms, x1.dtype, N, "x", eps)
     need = norm_workspace_numel(N)
     if workspace.dtype != torch.int32 or workspace.dim() != 1 or workspace.numel() < need:
         _fail(op, f"workspace must be int32 of shape [n] with n >= {need} (w8a16_ops.norm_workspace({N})), "
@@ -161,11 +168,7 @@ def check_add_norm_pair(op: str, a: torch.Tensor, b: torch.Tensor, weight1: torc
     dt, N = dtype_name(a.dtype), a.shape[-1]
     if b.dtype != a.dtype or b.shape != a.shape:
         _fail(op, f"b must be {dt} of shape {list(a.shape)} (like a), got {_desc(b)}")
-    for name, t in norms:
-        if t.dtype != a.dtype or t.dim() != 1 or t.shape[0] != N:
-            _fail(op, f"{name} must be {dt} of shape [{N}] (norm weights and biases take a's dtype), got {_desc(t)}")
-    if not eps > 0:  # also refuses nan
-        _fail(op, f"eps must be > 0, got {eps}")
+    _check_norms(op, norms, a.dtype, N, "a", eps)
     _check_capability(op, a.device)
 
 
