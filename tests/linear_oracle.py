@@ -1,7 +1,8 @@
 """Helpers of the W8A16 linear tests (tests/w8a16_ops/test_linear*.py): the fp32 oracle, the
 same-precision torch peer and the relative error the bars compare, the random quantized inputs
-of the two-linear ops, and the eager-vs-compiled checks (same error, same outputs). Importable
-because pyproject's pytest options put tests/ on the path."""
+of the two-linear ops, the eager-vs-compiled checks (same error, same outputs) and the check
+that reduce-overhead really recorded a CUDA graph. Importable because pyproject's pytest options
+put tests/ on the path."""
 from __future__ import annotations
 
 import re
@@ -74,3 +75,22 @@ def assert_compiled_equals_eager(module, input_sets):
     for inputs in input_sets:
         for a, b in zip(compiled(*inputs), module(*inputs)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def reset_compile_counters():
+    """A fresh dynamo state and zeroed counters, before the calls assert_cuda_graph_recorded checks."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def assert_cuda_graph_recorded(device):
+    """After torch.compile(mode="reduce-overhead") calls: inductor skipped no CUDA graph (so a
+    "skipping cudagraphs" fallback fails the test) and recorded at least one on ``device``."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+
+    assert counters["inductor"]["cudagraph_skips"] == 0, "inductor skipped CUDA graphs"
+    mgr = cudagraph_trees.get_container(device.index).tree_manager
+    assert mgr is not None and len(mgr.roots) > 0, "no CUDA graph was recorded"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from linear_oracle import assert_compiled_equals_eager, assert_same_error_eager_and_compiled
+from linear_oracle import (assert_compiled_equals_eager, assert_cuda_graph_recorded, assert_same_error_eager_and_compiled,
+                           reset_compile_counters)
 from pdl_helpers import late_copies
 
 import w8a16_ops  # noqa: F401  (registers the ops; builds the CUDA kernels on a GPU machine)
@@ -278,11 +279,7 @@ def test_opcheck_cuda(M):
 
 @cuda
 def test_reduce_overhead_equals_eager_and_captures_cuda_graph():
-    from torch._dynamo.utils import counters
-    from torch._inductor import cudagraph_trees
-
-    torch._dynamo.reset()
-    counters.clear()
+    reset_compile_counters()
     m = _LayerEnds()
     f = torch.compile(m, mode="reduce-overhead", fullgraph=True)
     for seed in range(3):
@@ -290,9 +287,7 @@ def test_reduce_overhead_equals_eager_and_captures_cuda_graph():
         out = [t.clone() for t in f(*inputs)]
         for a, b in zip(out, m(*inputs)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert counters["inductor"]["cudagraph_skips"] == 0, "inductor skipped CUDA graphs"
-    mgr = cudagraph_trees.get_container(inputs[0].device.index).tree_manager
-    assert mgr is not None and len(mgr.roots) > 0, "no CUDA graph was recorded"
+    assert_cuda_graph_recorded(inputs[0].device)
 
 
 @cuda

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linear_oracle import oracle, rel_err, torch_same_precision
+from linear_oracle import (assert_cuda_graph_recorded, oracle, rel_err, reset_compile_counters,
+                           torch_same_precision)
 
 import w8a16_ops
 from w8a16_ops import quantize_per_channel, reference
@@ -264,22 +265,14 @@ def test_compile_fullgraph_equals_eager_cuda():
 
 @cuda
 def test_reduce_overhead_really_captures_cuda_graph():
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
+    reset_compile_counters()
     m = TwoOps(512, 1024, torch.float16, "cuda")
     x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
     f = torch.compile(m, mode="reduce-overhead", fullgraph=True)
     for _ in range(3):
         y = f(x)
     torch.testing.assert_close(y, m(x), rtol=0, atol=0)
-    assert counters["inductor"]["cudagraph_skips"] == 0, "inductor skipped CUDA graphs"
-    # The output of a replayed graph lives in the cudagraph memory pool.
-    from torch._inductor import cudagraph_trees
-
-    mgr = cudagraph_trees.get_container(x.device.index).tree_manager
-    assert mgr is not None and len(mgr.roots) > 0, "no CUDA graph was recorded"
+    assert_cuda_graph_recorded(x.device)
 
 
 @cuda

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linear_oracle import (assert_compiled_equals_eager, assert_same_error_eager_and_compiled, assert_within_2x_torch,
-                           make_pair, make_weights, oracle, rel_err, torch_same_precision)
+from linear_oracle import (assert_compiled_equals_eager, assert_cuda_graph_recorded, assert_same_error_eager_and_compiled,
+                           assert_within_2x_torch, make_pair, make_weights, oracle, rel_err, reset_compile_counters,
+                           torch_same_precision)
 
 import w8a16_ops
 from w8a16_ops import norm_workspace, norm_workspace_numel, reference
@@ -386,11 +387,7 @@ def test_compile_fullgraph_equals_eager_cuda():
 @cuda
 @pytest.mark.parametrize("M", [4, 40])
 def test_reduce_overhead_equals_eager_and_captures_cuda_graph(M):
-    from torch._dynamo.utils import counters
-    from torch._inductor import cudagraph_trees
-
-    torch._dynamo.reset()
-    counters.clear()
+    reset_compile_counters()
     m = LayerEnds(256, torch.float16, "cuda", layers=3)
     torch._dynamo.mark_static_address(m.ws)  # as model_patch's decoder does with its workspace
     f = torch.compile(m, mode="reduce-overhead", fullgraph=True)
@@ -400,9 +397,7 @@ def test_reduce_overhead_equals_eager_and_captures_cuda_graph(M):
         for a, b in zip(out, m(*inputs)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not m.ws[:4].any()
-    assert counters["inductor"]["cudagraph_skips"] == 0, "inductor skipped CUDA graphs"
-    mgr = cudagraph_trees.get_container(inputs[0].device.index).tree_manager
-    assert mgr is not None and len(mgr.roots) > 0, "no CUDA graph was recorded"
+    assert_cuda_graph_recorded(inputs[0].device)
 
 
 @cuda
