@@ -148,6 +148,67 @@ def test_bar_summary_reads_the_rows():
     assert any(line.startswith("MISS  linear_gelu vs linear, mlp_up M=1: +5.0%") for line in bad)
 
 
+def test_bar_summary_takes_the_gelu_bar_from_the_interleaved_pairs():
+    rows = _rows(pct=85.0, speedup=2.0, gelu_us=10.5)  # the table rows: +5.0% at every M
+    pairs = [dict(M=2048, linear_us=400.0, gelu_us=405.0, extra_pct=1.2, pairs=7),
+             dict(M=16, linear_us=20.0, gelu_us=21.0, extra_pct=4.0, pairs=7)]
+    lines = [line for line in kernels.bar_summary(rows, pairs) if "linear_gelu" in line]
+    assert lines == [
+        "MISS  linear_gelu vs linear, mlp_up M=1: +5.0% time (bar <= +3%)",
+        "MISS  linear_gelu vs linear, mlp_up M=16: +4.0% time (median of 7 interleaved replay pairs; "
+        "table rows +5.0%) (bar <= +3%)",
+        "PASS  linear_gelu vs linear, mlp_up M=2048: +1.2% time (median of 7 interleaved replay pairs; "
+        "table rows +5.0%) (bar <= +3%)",
+    ]
+    # A paired M the table lacks still gets its line; without pairs the table decides, as before.
+    only = kernels.bar_summary(rows, [dict(M=4, linear_us=1.0, gelu_us=1.0, extra_pct=0.5, pairs=3)])
+    assert "PASS  linear_gelu vs linear, mlp_up M=4: +0.5% time (median of 3 interleaved replay pairs) " \
+           "(bar <= +3%)" in only
+    assert kernels.bar_summary(rows, []) == kernels.bar_summary(rows)
+
+
+def test_paired_timer_interleaves_and_times_each_side():
+    import time
+
+    calls = []
+
+    def fast(i):
+        calls.append("a")
+        time.sleep(0.001)
+
+    def slow(i):
+        calls.append("b")
+        time.sleep(0.003)
+
+    timer = kernels.Timer(torch.device("cpu"), replays=4)
+    pairs = timer.paired(fast, slow, copies=2)
+    assert len(pairs) == 4 and all(b > 1.5 * a > 0 for a, b in pairs), pairs
+    # warm-up a, b; then pairs in alternating order: ab, ba, ab, ba (2 calls each, one per copy)
+    assert "".join(calls) == "ab" + "aabb" + "bbaa" + "aabb" + "bbaa"
+
+
+def test_gelu_pairs_times_both_ops_on_the_same_tensors():
+    import w8a16_ops  # noqa: F401  (registers the ops)
+
+    seen = {"linear": [], "linear_gelu": []}
+
+    def spy(name):
+        op = getattr(torch.ops.w8a16, name)
+
+        def call(x, *rest):
+            seen[name].append(x.data_ptr())
+            return op(x, *rest)
+        return call
+
+    timer = kernels.Timer(torch.device("cpu"), replays=3)
+    out = kernels.gelu_pairs([1], torch.float16, torch.device("cpu"), timer, 0, 4.0, progress=False,
+                             ops=(spy("linear"), spy("linear_gelu")))
+    assert len(out) == 1 and out[0]["M"] == 1 and out[0]["pairs"] == 3
+    assert out[0]["linear_us"] > 0 and out[0]["gelu_us"] > 0 and abs(out[0]["extra_pct"]) < 1e4
+    # both ops ran on the same inputs (every copy), the same number of times
+    assert seen["linear"] and sorted(seen["linear"]) == sorted(seen["linear_gelu"])
+
+
 def _fused_rows(fused_us, split_us, ms=(1, 16, 2048)):
     rows = []
     for s in kernels.FUSED_SHAPES:
@@ -264,5 +325,9 @@ def test_gpu_quick_run(tmp_path):
         assert r["calls_per_graph"] >= r["copies"] >= 2
         assert r["copies"] * r["bytes"] >= 4 * payload["l2_bytes"] or r["copies"] == 512
     assert "Issue 2 bars" in text
+    assert [p["M"] for p in payload["gelu_pairs"]] == [1, 16]
+    assert all(p["pairs"] == 3 and p["linear_us"] > 0 and p["gelu_us"] > 0 for p in payload["gelu_pairs"])
+    gelu_lines = [line for line in payload["bars"] if "linear_gelu vs linear" in line]
+    assert len(gelu_lines) == 2 and all("median of 3 interleaved replay pairs; table rows" in x for x in gelu_lines)
     assert len(payload["fused_info"]) == 4 and all(line.startswith("info  layer_") for line in payload["fused_info"])
     assert "Fused layer ops" in text

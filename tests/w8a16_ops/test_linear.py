@@ -222,6 +222,43 @@ def test_cuda_noncontiguous_x_is_accepted():
     torch.testing.assert_close(torch.ops.w8a16.linear(xt, w, s, b), torch.ops.w8a16.linear(x, w, s, b))
 
 
+def _ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at each value of v (float64), normal range."""
+    mant = {torch.float16: 10, torch.bfloat16: 7}[dtype]
+    e = torch.floor(torch.log2(v.abs().clamp_min(torch.finfo(dtype).tiny)))
+    return torch.exp2(e - mant)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("M", [1, 8, 16, 32, 128, 2048])  # gemv (staged x, 2 tiles, 4 row groups), gemm
+def test_cuda_gelu_epilogue_is_faithful_to_float64_erf(M, dtype):
+    # Identity int8 weight, scale 1, no bias: the epilogue's pre-activation is x itself, exactly,
+    # so the kernel's GeLU is compared value by value with float64 y * erfc(-y / sqrt 2) / 2 on a
+    # sweep of [-14, 14] (the normal CDF down to ~1e-44, where bf16 values still exist).
+    K = N = 256
+    x = torch.linspace(-14, 14, M * K, dtype=torch.float64)[torch.randperm(M * K)].reshape(M, K).to(dtype)
+    w = torch.eye(N, K, dtype=torch.int8)
+    s = torch.ones(N, dtype=torch.float32)
+    y = torch.ops.w8a16.linear_gelu(x.cuda(), w.cuda(), s.cuda()).cpu().double()
+    xd = x.double()
+    exact = xd * torch.special.erfc(-xd / 2 ** 0.5) / 2
+    # ex2.approx.ftz flushes 2^e below 2^-126: results under ~4x the smallest normal (bf16 only,
+    # y < -13) may come out as 0, so the ulp check covers |result| >= 8x the smallest normal.
+    tiny = 8 * torch.finfo(dtype).tiny
+    normal = exact.abs() >= tiny
+    err = (y - exact).abs()
+    # faithful: within one unit in the last place wherever the result is a normal number ...
+    worst = (err[normal] / _ulp(exact[normal], dtype)).max().item()
+    assert worst <= 1.0, f"{worst:.3f} ulp"
+    # ... rounded to nearest for all but a few values near a rounding boundary ...
+    rounded = exact.to(dtype).double()
+    assert (y[normal] != rounded[normal]).double().mean().item() < 1e-3
+    # ... and no larger than that below it.
+    assert (y[~normal].abs() <= tiny).all()
+    assert torch.equal(y[xd >= 6], xd[xd >= 6])  # Phi rounds to 1
+
+
 @cuda
 def test_cuda_writes_every_output():
     # Poisoning the caching allocator's next block: outputs must all be overwritten.
