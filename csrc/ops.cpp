@@ -305,6 +305,10 @@ at::Tensor cache_attention(const at::Tensor& q, const at::Tensor& k_new, const a
   return attend(unit_last_stride(q), k_cache, v_cache, nullptr, scale, scores, &step);
 }
 
+// Whether the add_norm_pair kernel takes rows of N channels; w8a16.add_norm_pair (Python) sends
+// the others to its reference, so the limit is written once, here (csrc/norm.cu).
+bool add_norm_pair_supported(int64_t N) { return w8a16_add_norm_pair_supported(N); }
+
 }  // namespace
 
 TORCH_LIBRARY(w8a16_cuda, m) {
@@ -316,6 +320,7 @@ TORCH_LIBRARY(w8a16_cuda, m) {
         "Tensor norm_weight2, Tensor norm_bias2, float eps, Tensor(a!) workspace) -> Tensor[]");
   m.def("add_norm_pair(Tensor a, Tensor b, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, "
         "float eps, bool overlap) -> Tensor[]");
+  m.def("add_norm_pair_supported(int N) -> bool", &add_norm_pair_supported);  // no tensors: one kernel for all
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor length, float scale, "
         "Tensor(a!)? scores=None) -> Tensor");
   m.def("cache_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "

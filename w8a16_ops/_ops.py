@@ -8,6 +8,7 @@ registered by the compiled extension (csrc/ops.cpp) as ``torch.ops.w8a16_cuda.*`
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -166,7 +167,13 @@ for _name, _make in (("linear_pair", _pair_impl), ("linear_sum", _sum_impl), ("l
 _lib.define("add_norm_pair(Tensor a, Tensor b, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, "
             "float eps, bool overlap=False) -> (Tensor, Tensor, Tensor)")
 _ANP = "w8a16.add_norm_pair"
-_MAX_NORM_WIDTH = 8192  # the CUDA kernel: one thread per 8 channels, one block of <= 1024 per row
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_kernel_takes(N: int) -> bool:
+    """Whether the CUDA kernel takes rows of N channels (N % 8 == 0 and N <= 8192 today: one thread
+    per 8 channels, one block of <= 1024 per row); asked of the extension, which owns the limit."""
+    return bool(torch.ops.w8a16_cuda.add_norm_pair_supported(N))
 
 
 def _add_norm_impl(kind: str):
@@ -177,10 +184,10 @@ def _add_norm_impl(kind: str):
             return tuple(torch.empty_like(a, memory_format=torch.contiguous_format) for _ in range(3))
         if kind == "cuda":
             _require_kernels(_ANP)
-            if a.shape[-1] % 8 == 0 and a.shape[-1] <= _MAX_NORM_WIDTH:
+            if _norm_kernel_takes(a.shape[-1]):
                 y, n1, n2 = torch.ops.w8a16_cuda.add_norm_pair(a, b, weight1, bias1, weight2, bias2, eps, overlap)
                 return y, n1, n2
-        # CPU, and widths the kernel does not take (N % 8 != 0 or N > 8192): the reference.
+        # CPU, and widths the kernel does not take: the reference.
         y, n1, n2 = reference.add_norm_pair(a, b, weight1, bias1, weight2, bias2, eps)
         return y.contiguous(), n1.contiguous(), n2.contiguous()
     return impl

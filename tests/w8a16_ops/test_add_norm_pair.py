@@ -190,9 +190,17 @@ def test_cuda_kernel_matches_oracle_and_reference(N, M, dtype):
 @pytest.mark.parametrize("N", [1, 100, 2568 + 4, 10240])
 def test_cuda_widths_the_kernel_does_not_take(N):
     # N % 8 != 0 or N > 8192: the op falls back to the reference, same contract.
+    assert not torch.ops.w8a16_cuda.add_norm_pair_supported(N)  # the extension owns the limit
     args = make_args((5,), N, torch.float16, "cuda")
     out = ANP(*args)
     assert_op_output(out, args)
+
+
+@cuda
+def test_cuda_kernel_width_limit():
+    takes = torch.ops.w8a16_cuda.add_norm_pair_supported
+    assert [takes(n) for n in (8, 264, 2560, 8184, 8192)] == [True] * 5
+    assert [takes(n) for n in (0, 4, 12, 8200, 16384)] == [False] * 5
 
 
 @cuda
