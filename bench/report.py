@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 from pathlib import Path
 
 from tabulate import tabulate
@@ -99,6 +100,16 @@ def matplotlib_missing() -> str | None:
     return None
 
 
+PLOT_TITLE_WIDTH = 150  # characters per title line at fontsize 9 across the 12-inch figure
+
+
+def plot_title_lines(title: str, width: int = PLOT_TITLE_WIDTH) -> list[str]:
+    """The plot's title as lines of at most ``width`` characters: each given line wrapped (the
+    command line is long), long words broken rather than cut off at the figure's edge."""
+    return [w for line in title.splitlines()
+            for w in (textwrap.wrap(line, width, break_on_hyphens=False) or [""])]
+
+
 def write_plot(path: str, rows: list[dict], title: str) -> None:
     """PNG with two panels: decode tok/s and peak memory, one bar group per batch size."""
     import matplotlib
@@ -131,8 +142,9 @@ def write_plot(path: str, rows: list[dict], title: str) -> None:
     if all(r.get("peak_mb") is None for r in ok):
         axes[1].text(0.5, 0.5, "no GPU memory figures (CPU run)", ha="center", va="center",
                      transform=axes[1].transAxes)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    lines = plot_title_lines(title)
+    fig.suptitle("\n".join(lines), fontsize=9)
+    fig.tight_layout()  # makes room for the (multi-line) suptitle
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -108,3 +108,13 @@ def test_study_bars_compare_rows_of_one_run():
     assert not any("batch 16: FP16 Full tok/s vs HF compile" in b for b in bars)  # no hf_compile row at 16
     rows[1]["error"] = "OOM"
     assert not any(b[6:].startswith("batch 1: INT8 Full tok/s") for b in report.study_bars(rows))
+
+
+def test_plot_title_is_wrapped_to_the_figure():
+    cmd = "python -m bench --model_path random:pythia-2.8b --tokenizer " + "/very/long/path" * 20 + " --batch_size 16"
+    title = f"NVIDIA H100 | random:pythia-2.8b | prefill 128, decode 2048 | 2026-11-25\n{cmd}"
+    lines = report.plot_title_lines(title)
+    assert lines[0] == "NVIDIA H100 | random:pythia-2.8b | prefill 128, decode 2048 | 2026-11-25"
+    assert len(lines) >= 3 and all(len(x) <= report.PLOT_TITLE_WIDTH for x in lines)
+    assert "".join(lines[1:]).replace(" ", "") == cmd.replace(" ", "")  # nothing dropped
+    assert report.plot_title_lines("a\n\nb") == ["a", "", "b"]
