@@ -105,6 +105,9 @@ def test_study_bars_compare_rows_of_one_run():
     assert "MISS  batch 16: INT8 Full tok/s vs FP16 Full: 1.20x (bar >= 1.3x)" in bars
     assert "PASS  batch 16: INT8 H2O tok/s vs INT8 Full: 1.67x (bar >= 1.5x)" in bars
     assert "PASS  batch 16: INT8 H2O peak memory vs FP16 Full: 0.40x (bar <= 0.45x)" in bars
+    # INT8 Full's <= 0.6x memory bar is a batch-1 bar: at batch 16 the ratio is information
+    assert not any(b.startswith(("PASS", "MISS")) and "batch 16: INT8 Full peak memory" in b for b in bars)
+    assert any(b.startswith("info  batch 16: INT8 Full peak memory vs FP16 Full: 0.85x (no bar") for b in bars)
     assert not any("batch 16: FP16 Full tok/s vs HF compile" in b for b in bars)  # no hf_compile row at 16
     rows[1]["error"] = "OOM"
     assert not any(b[6:].startswith("batch 1: INT8 Full tok/s") for b in report.study_bars(rows))
