@@ -229,7 +229,8 @@ class Timer:
         drift between them shows in the ratio; here each pair runs back to back, in alternating
         order (AB, BA, ...), so the per-pair ratios see the same conditions."""
         if self.device.type != "cuda":
-            fn_a(0), fn_b(0)
+            fn_a(0)  # warm-up
+            fn_b(0)
             pairs = []
             for r in range(self.replays):
                 first, second = (fn_a, fn_b) if r % 2 == 0 else (fn_b, fn_a)
