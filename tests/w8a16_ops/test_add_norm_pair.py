@@ -8,6 +8,7 @@ import torch
 
 from linear_oracle import (assert_compiled_equals_eager, assert_cuda_graph_recorded, assert_same_error_eager_and_compiled,
                            reset_compile_counters)
+from norm_cases import norm_cases
 from pdl_helpers import late_copies
 
 import w8a16_ops  # noqa: F401  (registers the ops; builds the CUDA kernels on a GPU machine)
@@ -118,7 +119,7 @@ def test_compile_fullgraph_equals_eager_cpu():
 # ---------------------------------------------------------------------- bad input
 
 _OP = "w8a16.add_norm_pair: "
-_NORM = "must be float16 of shape [32] (norm weights and biases take a's dtype), got "
+NORM_CASES = norm_cases(("weight1", "bias1", "weight2", "bias2"), ("w1", "c1", "w2", "c2"), "a")
 BAD = {
     "a_int": "a must be float16, bfloat16 or float32, got int32",
     "a_scalar": "a must have shape [..., N] with N >= 1, got float16 []",
@@ -126,32 +127,25 @@ BAD = {
     "b_shape": "b must be float16 of shape [4, 32] (like a), got float16 [4, 16]",
     "b_lead": "b must be float16 of shape [4, 32] (like a), got float16 [1, 4, 32]",
     "b_dtype": "b must be float16 of shape [4, 32] (like a), got bfloat16 [4, 32]",
-    "weight1_shape": "weight1 " + _NORM + "float16 [16]",
-    "bias1_2d": "bias1 " + _NORM + "float16 [1, 32]",
-    "weight2_fp32": "weight2 " + _NORM + "float32 [32]",
-    "bias2_dtype": "bias2 " + _NORM + "bfloat16 [32]",
-    "eps_zero": "eps must be > 0, got 0.0",
-    "eps_negative": "eps must be > 0, got -1e-05",
+    **{case: msg for case, (msg, _, _) in NORM_CASES.items()},
 }
 
 
 def _bad_args(case, device):
     a, b, w1, c1, w2, c2, eps = make_args((4,), 32, torch.float16, device)
     args = dict(a=a, b=b, w1=w1, c1=c1, w2=w2, c2=c2, eps=eps)
-    args.update({
-        "a_int": lambda: dict(a=a.int()),
-        "a_scalar": lambda: dict(a=a[0, 0]),
-        "a_empty_n": lambda: dict(a=a[:, :0]),
-        "b_shape": lambda: dict(b=b[:, :16]),
-        "b_lead": lambda: dict(b=b[None]),
-        "b_dtype": lambda: dict(b=b.bfloat16()),
-        "weight1_shape": lambda: dict(w1=w1[:16]),
-        "bias1_2d": lambda: dict(c1=c1[None]),
-        "weight2_fp32": lambda: dict(w2=w2.float()),
-        "bias2_dtype": lambda: dict(c2=c2.bfloat16()),
-        "eps_zero": lambda: dict(eps=0.0),
-        "eps_negative": lambda: dict(eps=-1e-5),
-    }[case]())
+    if case in NORM_CASES:
+        _, key, change = NORM_CASES[case]
+        args[key] = change(args[key])
+    else:
+        args.update({
+            "a_int": lambda: dict(a=a.int()),
+            "a_scalar": lambda: dict(a=a[0, 0]),
+            "a_empty_n": lambda: dict(a=a[:, :0]),
+            "b_shape": lambda: dict(b=b[:, :16]),
+            "b_lead": lambda: dict(b=b[None]),
+            "b_dtype": lambda: dict(b=b.bfloat16()),
+        }[case]())
     return tuple(args.values())
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from linear_oracle import (assert_compiled_equals_eager, assert_cuda_graph_recorded, assert_same_error_eager_and_compiled,
                            assert_within_2x_torch, make_pair, make_weights, oracle, rel_err, reset_compile_counters,
                            torch_same_precision)
+from norm_cases import norm_cases
 
 import w8a16_ops
 from w8a16_ops import norm_workspace, norm_workspace_numel, reference
@@ -36,10 +37,12 @@ def make_args(lead, N, K1, K2, dtype, device, bias=(True, True), x_scale=1.0):
     return (*linears, residual, *make_norms(N, dtype, device), EPS, norm_workspace(N, device))
 
 
+_NAMES = ("x1", "w1", "s1", "b1", "x2", "w2", "s2", "b2", "residual", "nw1", "nb1", "nw2", "nb2", "eps", "ws")
+
+
 def with_(args, **kw):
-    """args with some replaced by name."""
-    names = ("x1", "w1", "s1", "b1", "x2", "w2", "s2", "b2", "residual", "nw1", "nb1", "nw2", "nb2", "eps", "ws")
-    return tuple(kw.get(n, a) for n, a in zip(names, args))
+    """args (make_args' order, _NAMES) with some replaced by name."""
+    return tuple(kw.get(n, a) for n, a in zip(_NAMES, args))
 
 
 def h_oracle(args):
@@ -203,19 +206,15 @@ def test_compile_fullgraph_equals_eager_cpu():
 # ---------------------------------------------------------------------- bad input
 
 _OP = "w8a16.linear_sum_norm: "
-_NORM_MSG = "must be float16 of shape [32] (norm weights and biases take x's dtype), got "
+NORM_CASES = norm_cases(("norm_weight1", "norm_bias1", "norm_weight2", "norm_bias2"), ("nw1", "nb1", "nw2", "nb2"),
+                        "x")
 _WS_MSG = "workspace must be int32 of shape [n] with n >= 132 (w8a16_ops.norm_workspace(32)), got "
 # case -> message after "w8a16.linear_sum_norm: " (N = 32, x [4, K], float16)
 BAD = {
     "residual_shape": "residual must be float16 of shape [4, 32] (x's leading dims, then N), got float16 [4, 16]",
     "residual_lead": "residual must be float16 of shape [4, 32] (x's leading dims, then N), got float16 [1, 4, 32]",
     "residual_dtype": "residual must be float16 of shape [4, 32] (x's leading dims, then N), got bfloat16 [4, 32]",
-    "norm_weight1_shape": "norm_weight1 " + _NORM_MSG + "float16 [16]",
-    "norm_bias1_2d": "norm_bias1 " + _NORM_MSG + "float16 [1, 32]",
-    "norm_weight2_fp32": "norm_weight2 " + _NORM_MSG + "float32 [32]",
-    "norm_bias2_dtype": "norm_bias2 " + _NORM_MSG + "bfloat16 [32]",
-    "eps_zero": "eps must be > 0, got 0.0",
-    "eps_negative": "eps must be > 0, got -1e-05",
+    **{case: msg for case, (msg, _, _) in NORM_CASES.items()},
     "workspace_dtype": _WS_MSG + "int64 [132]",
     "workspace_small": _WS_MSG + "int32 [131]",
     "workspace_2d": _WS_MSG + "int32 [2, 132]",
@@ -223,22 +222,17 @@ BAD = {
     "n_mismatch": "weight1 and weight2 must have the same N (their outputs are summed), got N=32 and N=48",
     "bias2_dtype": "bias2 must be float16 of shape [32], got float32 [32]",
 }
-
-
 def _bad_args(case, device):
     args = make_args((4,), 32, 64, 48, torch.float16, device)
     _, _, _, _, x2, _, _, b2, r, nw1, nb1, nw2, nb2, _, ws = args
+    if case in NORM_CASES:
+        _, key, change = NORM_CASES[case]
+        return with_(args, **{key: change(args[_NAMES.index(key)])})
     zeros = lambda *shape, dtype=torch.int32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
     change = {
         "residual_shape": lambda: dict(residual=r[:, :16]),
         "residual_lead": lambda: dict(residual=r[None]),
         "residual_dtype": lambda: dict(residual=r.bfloat16()),
-        "norm_weight1_shape": lambda: dict(nw1=nw1[:16]),
-        "norm_bias1_2d": lambda: dict(nb1=nb1[None]),
-        "norm_weight2_fp32": lambda: dict(nw2=nw2.float()),
-        "norm_bias2_dtype": lambda: dict(nb2=nb2.bfloat16()),
-        "eps_zero": lambda: dict(eps=0.0),
-        "eps_negative": lambda: dict(eps=-1e-5),
         "workspace_dtype": lambda: dict(ws=zeros(132, dtype=torch.int64)),
         "workspace_small": lambda: dict(ws=ws[:131]),
         "workspace_2d": lambda: dict(ws=zeros(2, 132)),
