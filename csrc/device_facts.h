@@ -5,12 +5,23 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 struct DeviceFacts {
   int dev = 0;            // current device (0 where it cannot be read or is out of range)
   int sms = 1;            // multiprocessors
   bool clusters = false;  // sm_90+: thread-block clusters with distributed shared memory
-  bool pdl() const { return clusters; }  // programmatic dependent launch (pdl.h): sm_90+ too
+  // Programmatic dependent launch (pdl.h): sm_90+ too, unless the environment has W8A16_PDL=0
+  // (read once; every kernel then launches the ordinary way, for debugging and A/B timing).
+  bool pdl() const { return clusters && pdl_allowed(); }
+  static bool pdl_allowed() {
+    static const bool allowed = [] {
+      const char* v = std::getenv("W8A16_PDL");
+      return v == nullptr || std::strcmp(v, "0") != 0;
+    }();
+    return allowed;
+  }
 };
 
 constexpr int kMaxCachedDevices = 64;

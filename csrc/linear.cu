@@ -241,10 +241,15 @@ struct GemvParams {
   int tiles0;            // channel tiles of the first problem: ceil(N / (16 * CT))
   int M;
   GemvNorm<T> norm;
-  // Programmatic dependent launch (W8A16Linear2::overlap): launched with the attribute, the
-  // kernel reads weights, scales and (two segments) segment 1's x before pdl_wait().
+  // How the kernel is launched (GemvLaunch).
   int early;
 };
+// GEMV_PLAIN: an ordinary launch (below sm_90, or W8A16_PDL=0). Otherwise a programmatic
+// dependent launch (pdl.h), so that the kernel's blocks take the SM slots the previous kernel
+// frees and start the moment it completes: GEMV_WAIT (every gemv launch without overlap)
+// waits before any load; GEMV_EARLY (W8A16Linear2::overlap) reads weights, scales and (two
+// segments) segment 1's x before it waits.
+enum GemvLaunch { GEMV_PLAIN = 0, GEMV_EARLY = 1, GEMV_WAIT = 2 };
 
 template <typename T, int NT, int CT, int UNROLL>
 struct GemvRegs {
@@ -559,10 +564,10 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
   } else
 #endif
   {
-  // PDL (see pdl.h). Without `early` the kernel waits before any load; with it, the first
-  // weights (and linear_sum's whole segment 1) are loaded before the wait, which overlaps them
-  // with the tail of the previous kernel.
-  const bool early = P.early;
+  // PDL (see pdl.h and GemvLaunch). Without `early` the kernel waits before any load; with
+  // it, the first weights (and linear_sum's whole segment 1) are loaded before the wait, which
+  // overlaps them with the tail of the previous kernel.
+  const bool early = P.early == GEMV_EARLY;
   if (!early) pdl_wait_and_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tile = blockIdx.x / KS;
@@ -973,7 +978,10 @@ cudaError_t launch_gemv_kernel(const GemvParams<T>& p, int tiles, size_t smem, c
   constexpr int minb = MINB > 0 ? MINB : gemv_min_blocks<NT, CT, NSEG>() * 8 / WARPS;
   auto kernel = gemv_kernel<T, NT, CT, WARPS, UNROLL, XSMEM, NSEG, KS, minb, NORM>;
   const size_t bytes = XSMEM ? smem : 0;
-  return launch_kernel(kernel, dim3(tiles * KS), dim3(WARPS * 32), bytes, stream, p.early != 0, KS, p);
+  // GEMV_WAIT launches plainly at 9-16 rows in 4-warp blocks: there the programmatic launch made
+  // mlp_up M = 16 (320 tiles, 4 blocks per SM) slower on H100, 13.2 -> 13.8-14.4 us.
+  const bool pdl = p.early == GEMV_EARLY || (p.early == GEMV_WAIT && !(NT == 2 && WARPS == 4));
+  return launch_kernel(kernel, dim3(tiles * KS), dim3(WARPS * 32), bytes, stream, pdl, KS, p);
 }
 
 // One or two segments, or linear_sum_norm (two segments and the norm tail).
@@ -1046,14 +1054,19 @@ cudaError_t launch_gemv_params(GemvParams<T>& p, int nprob, cudaStream_t stream)
   }
   if (tiles == 0) return cudaSuccess;
   const int ks = gemv_splits(M, tiles, chunks, dev);
-  if (!dev.pdl()) p.early = 0;
+  // Every gemv launch is a programmatic dependent one where the GPU has it: back to back
+  // (M = 1-8 on H100) that took qkv 10.8 -> 8.6 us, attn_out 6.1 -> 5.0 us, the LM head
+  // 47.3 -> 46.0 us (docs/kernels.md).
+  p.early = !dev.pdl() ? GEMV_PLAIN : p.early == GEMV_EARLY ? GEMV_EARLY : GEMV_WAIT;
   // x staged in shared memory when it fits the default 48 KB (M = 1 up to K = 24576):
   // measured on H100 at M = 1, 3-8% faster per shape than x from L2 (2 or 3 chunks per round,
   // or 4 staged, were no better).
   cudaError_t e;
-  // linear_sum_norm's kernels hold ~3 KB more static shared memory (the tile's values, the
-  // staged partials): their staged x must leave room under the same 48 KB.
-  const size_t xmax = p.norm.residual ? 40 * 1024 : 48 * 1024;
+  // The staged x and the kernel's static shared memory must fit 48 KB together: the 8-warp
+  // reduction buffer takes 4 KB (x up to 44 KB), linear_sum_norm's kernels 6.6 KB (the tile's
+  // values, the staged partials; x up to 40 KB). (Until session 12 the first limit was 48 KB, and
+  // x of 44-48 KB, e.g. M = 3 at K = 8192, failed to launch.)
+  const size_t xmax = p.norm.residual ? 40 * 1024 : 44 * 1024;
   if (M <= 8 && xbytes <= xmax)
     e = launch_gemv<T, 1, 1, 2, true>(p, tiles, ks, xbytes, stream, dev);
   else if (M <= 8)

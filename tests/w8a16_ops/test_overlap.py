@@ -6,8 +6,16 @@ reads its weights (linear_sum: also x2; the cache ops: the cache, pos, scores, s
 early; everything else only after that kernel is done. The CUDA tests make the previous kernel
 a long copy that writes the late-read inputs last, so a kernel that read them early would see
 their old values. On GPUs older than sm_90 the flag is ignored and the tests still hold.
+
+Without the flag a gemv launch on sm_90 is still a programmatic dependent launch, one that may
+read nothing before its wait: the same kind of test checks that with the weights written last.
+W8A16_PDL=0 turns every such launch into an ordinary one.
 """
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -142,3 +150,61 @@ def test_cuda_cache_ops_overlap_equal_plain(kind, B, S, budget, dtype):
     assert torch.equal(out, ref)
     for n in st:
         assert torch.equal(st[n], ref_st[n]), n
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("M", [1, 4, 12, 16, 32])
+def test_cuda_gemv_without_overlap_sees_weights_the_previous_kernel_writes(M, dtype):
+    # On sm_90 every gemv launch (M <= 32) is a programmatic dependent launch; without overlap it
+    # may only ask L2 for its first weight lines before it waits for the previous kernel, never
+    # load them. The previous kernel here writes the weights last (old values: 7), so a kernel
+    # that read them before its wait would return the old weights' product.
+    # K = 8192 with N = 512 takes the two-block cluster split at 9-16 rows on sm_90.
+    lin = list(make_pair((M,), 512, 8192, 2560, 2560, dtype, "cuda"))
+    pair = list(make_pair((M,), 1024, 512, 2048, 512, dtype, "cuda"))
+    sum_ = list(make_pair((M,), 512, 512, 512, 8192, dtype, "cuda"))
+    news = [torch.randint(-127, 128, t.shape, dtype=torch.int8, device="cuda")
+            for t in (lin[1], lin[5], pair[1], pair[5], sum_[1], sum_[5])]
+    late, rewrite = _late([lin[1], lin[5], pair[1], pair[5], sum_[1], sum_[5]])
+    calls = [
+        lambda w: [torch.ops.w8a16.linear(lin[0], w[0], *lin[2:4])],
+        lambda w: [torch.ops.w8a16.linear_gelu(lin[4], w[1], *lin[6:8])],
+        lambda w: PAIR(pair[0], w[2], *pair[2:5], w[3], *pair[6:], gelu2=True),
+        lambda w: [SUM(sum_[0], w[4], *sum_[2:5], w[5], *sum_[6:])],
+    ]
+    for call in calls:
+        rewrite(news)
+        got = call(late)
+        torch.cuda.synchronize()
+        for a, b in zip(got, call(news), strict=True):
+            assert torch.equal(a, b)
+
+
+_NO_PDL_SCRIPT = """
+import sys, torch, w8a16_ops
+args = torch.load(sys.argv[1])
+out = [torch.ops.w8a16.linear(*args["lin"]),
+       *torch.ops.w8a16.linear_pair(*args["pair"], gelu2=True, overlap=True),
+       torch.ops.w8a16.linear_sum(*args["sum"], overlap=True)]
+torch.save([t.cpu() for t in out], sys.argv[2])
+"""
+
+
+@cuda
+def test_cuda_w8a16_pdl_0_launches_plainly_with_the_same_results(tmp_path):
+    # The switch is read once per process, hence the child process.
+    torch.manual_seed(0)
+    args = dict(lin=make_pair((3,), 512, 8192, 8, 16, torch.float16, "cuda")[:4],
+                pair=make_pair((12,), 1024, 512, 2048, 512, torch.float16, "cuda"),
+                sum=make_pair((16,), 512, 512, 512, 8192, torch.float16, "cuda"))
+    torch.save(args, tmp_path / "args.pt")
+    env = dict(os.environ, W8A16_PDL="0")
+    subprocess.run([sys.executable, "-c", _NO_PDL_SCRIPT, str(tmp_path / "args.pt"), str(tmp_path / "out.pt")],
+                   env=env, check=True, timeout=300)
+    got = torch.load(tmp_path / "out.pt")
+    want = [torch.ops.w8a16.linear(*args["lin"]), *PAIR(*args["pair"], gelu2=True, overlap=True),
+            SUM(*args["sum"], overlap=True)]
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want):
+        assert torch.equal(a, b.cpu())
