@@ -13,9 +13,10 @@
 //    fragment's logical k order to be the one the contiguous load gives, and feed
 //    x in the same order: no shuffles, no shared memory, 16-byte loads for both.
 //    Warps of a block split K; one reduction through shared memory at the end.
-//    For M <= 8, x is staged once per block in shared memory when it fits in 48 KB
-//    (M = 1 up to K = 24576): each block then reads x from L2 once, and the x
-//    fragments take registers only during the math. For 9-16 rows a block covers 32
+//    For M <= 8, x is staged once per block in shared memory when it fits in 44 KB
+//    (M = 1 up to K = 22528) and the launch has more than two tiles per SM: each block
+//    then reads x from L2 once, and the x fragments take registers only during the
+//    math. For 9-16 rows a block covers 32
 //    channels (two tiles share each x fragment), and on sm_90 narrow, long-K problems
 //    (linear_sum, MLP down) split K over a cluster of two blocks that reduce through
 //    distributed shared memory. linear_sum_norm (opt-in) adds the residual and the next layer's two
@@ -1058,16 +1059,19 @@ cudaError_t launch_gemv_params(GemvParams<T>& p, int nprob, cudaStream_t stream)
   // (M = 1-8 on H100) that took qkv 10.8 -> 8.6 us, attn_out 6.1 -> 5.0 us, the LM head
   // 47.3 -> 46.0 us (docs/kernels.md).
   p.early = !dev.pdl() ? GEMV_PLAIN : p.early == GEMV_EARLY ? GEMV_EARLY : GEMV_WAIT;
-  // x staged in shared memory when it fits the default 48 KB (M = 1 up to K = 24576):
-  // measured on H100 at M = 1, 3-8% faster per shape than x from L2 (2 or 3 chunks per round,
-  // or 4 staged, were no better).
+  // x staged in shared memory when it fits (below) and the launch has more than two channel
+  // tiles per SM. Staging pays where several blocks share an SM (one block's staging overlaps
+  // the others' weight streams, and x leaves L2 once per block); with fewer, it sits on the
+  // critical path. H100, session 12, M = 1-8, staged vs from L2: qkv (480 tiles) 8.4-8.8 vs
+  // 9.2-9.3 us, the LM head at M <= 4 45.6-46.3 vs 47.2-47.9; attn_out (160 tiles) 5.0-5.3 vs
+  // 4.9-5.0, mlp_down M = 2 14.3 vs 12.6, linear_sum (attn_out + mlp_down) M = 1 17.1 vs 16.2.
   cudaError_t e;
   // The staged x and the kernel's static shared memory must fit 48 KB together: the 8-warp
   // reduction buffer takes 4 KB (x up to 44 KB), linear_sum_norm's kernels 6.6 KB (the tile's
   // values, the staged partials; x up to 40 KB). (Until session 12 the first limit was 48 KB, and
   // x of 44-48 KB, e.g. M = 3 at K = 8192, failed to launch.)
   const size_t xmax = p.norm.residual ? 40 * 1024 : 44 * 1024;
-  if (M <= 8 && xbytes <= xmax)
+  if (M <= 8 && xbytes <= xmax && tiles > 2 * dev.sms)
     e = launch_gemv<T, 1, 1, 2, true>(p, tiles, ks, xbytes, stream, dev);
   else if (M <= 8)
     e = launch_gemv<T, 1, 1, 2>(p, tiles, ks, 0, stream, dev);

@@ -169,10 +169,11 @@ def _cases_numerics():
     # last tile, K not a multiple of the 128-wide chunk)
     for M in (9, 13, 16):
         out.append(("N=40-K=8208", M, 40, 8208))
-    # x staged in shared memory at <= 8 rows up to 44 KB, beside the kernel's static buffers
-    # (48 KB in all): both sides of that limit, and the 48 KB that once failed to launch
-    for M, K in ((1, 22528), (2, 11264), (2, 11776), (3, 8192), (1, 24576)):
-        out.append((f"x{M * K * 2 // 1024}KB", M, 72, K))
+    # x staged in shared memory at <= 8 rows (with N = 8192, more than two channel tiles per SM)
+    # up to 44 KB, beside the kernel's static buffers (48 KB in all): both sides of that limit,
+    # and the 48 KB that once failed to launch
+    for M, K in ((8, 2816), (8, 2944), (3, 7424), (6, 4096)):
+        out.append((f"x{M * K * 2 / 1024:g}KB", M, 8192, K))
     out.append(("K=320", 7, 1280, 320))  # tiny-neox-a: K not a multiple of the 128-wide chunk
     out.append(("K=80", 40, 96, 80))
     return out

@@ -147,10 +147,10 @@ AWKWARD = [
     ("N2568-K1024", "sum", 2568, 2560, 2568, 1024, True, False, False, False),
     ("N1-K320+K1280", "sum", 1, 320, 1, 1280, False, True, False, False),
     ("N24-K320+K1280", "sum", 24, 320, 24, 1280, False, False, False, False),
-    # at M = 1, x of 44 KB (both segments) staged in shared memory: the limit beside the
-    # kernel's static buffers; x of the pair's larger problem the same
-    ("N72-K6144+K16384", "sum", 72, 6144, 72, 16384, True, True, False, False),
-    ("N72-K22528+N24-K320", "pair", 72, 22528, 24, 320, True, False, False, True),
+    # at M = 5, x of 43.9 KB (both segments; the pair: its larger problem) staged in shared
+    # memory, next to the 44 KB limit beside the kernel's static buffers
+    ("N8192-K1024+K3472", "sum", 8192, 1024, 8192, 3472, True, True, False, False),
+    ("N8192-K4496+N24-K320", "pair", 8192, 4496, 24, 320, True, False, False, True),
     # the two-block cluster split of K at 9-16 rows (sm_90): a partial tile, segment 0 ending
     # inside a 128-wide chunk
     ("N40-K2576+K8192", "sum", 40, 2576, 40, 8192, True, True, False, False),

@@ -261,7 +261,7 @@ CUDA_SHAPES = {  # name -> (N, K1, K2)
     "pythia-2.8b": (2560, 2560, 10240),
     "N40-K2576+K8208": (40, 2576, 8208),  # one partial channel tile, K not a multiple of 128
     "N512-K512+K2048": (512, 512, 2048),
-    "N40-K4096+K16384": (40, 4096, 16384),  # M = 1: x of 40 KB staged, the limit beside the norm tail's buffers
+    "N8192-K1024+K3072": (8192, 1024, 3072),  # M = 5: x of 40 KB staged, the limit beside the norm tail's buffers
 }
 
 
