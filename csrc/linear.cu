@@ -26,12 +26,14 @@
 //    at M = 16 staging x ([16, K], 80 KB at K = 2560) in shared memory (1.35x slower),
 //    clusters of 4, clusters at M = 1, split-K over blocks with a last-block reduction,
 //    register double-buffering, 16 warps per block (all slower than this).
-//    Programmatic dependent launch (pdl.h), only where the caller asks (W8A16Linear2::overlap,
-//    the decoder's decode steps): the kernel starts on the previous kernel's tail, loads its
-//    first weights and, for linear_sum, runs the whole second segment (the MLP down
-//    projection, whose input predates the attention kernel before it) before it waits.
-//    H100, batch 16, Pythia-2.8B shapes, with the cache op's early tiles: H2O step 2.68 ->
-//    2.55 ms. Two segments always run segment 1 first, so the flag never changes a result.
+//    Programmatic dependent launch (pdl.h, GemvLaunch) on sm_90. Every launch but 9-16 rows
+//    in 4-warp blocks: the blocks wait for the previous kernel before any load, and gain the
+//    launch gap (M = 1-8, H100: qkv 10.6 -> 8.5 us, attn_out 6.0 -> 5.0 us). Where the caller
+//    asks (W8A16Linear2::overlap, the decoder's decode steps) the kernel also loads its first
+//    weights and, for linear_sum, runs the whole second segment (the MLP down projection,
+//    whose input predates the attention kernel before it) before it waits. H100, batch 16,
+//    Pythia-2.8B shapes, with the cache op's early tiles: H2O step 2.68 -> 2.55 ms. Two
+//    segments always run segment 1 first, so the flag never changes a result.
 //  * gemm (M > 32, prefill): 128x128x32 block tile, 8 warps of 64x32, 4-stage
 //    cp.async pipeline, x through ldmatrix from an XOR-swizzled tile, int8 w
 //    through 32-bit shared loads + one byte_perm that puts each thread's fragment
@@ -1055,9 +1057,9 @@ cudaError_t launch_gemv_params(GemvParams<T>& p, int nprob, cudaStream_t stream)
   }
   if (tiles == 0) return cudaSuccess;
   const int ks = gemv_splits(M, tiles, chunks, dev);
-  // Every gemv launch is a programmatic dependent one where the GPU has it: back to back
-  // (M = 1-8 on H100) that took qkv 10.8 -> 8.6 us, attn_out 6.1 -> 5.0 us, the LM head
-  // 47.3 -> 46.0 us (docs/kernels.md).
+  // A programmatic dependent launch where the GPU has it (but see launch_gemv_kernel): back to
+  // back (M = 1-8 on H100) that took qkv 10.6 -> 8.5 us, attn_out 6.0 -> 5.0 us, the LM head
+  // 47.2 -> 46.0 us (docs/kernels.md, session 12).
   p.early = !dev.pdl() ? GEMV_PLAIN : p.early == GEMV_EARLY ? GEMV_EARLY : GEMV_WAIT;
   // x staged in shared memory when it fits (below) and the launch has more than two channel
   // tiles per SM. Staging pays where several blocks share an SM (one block's staging overlaps
