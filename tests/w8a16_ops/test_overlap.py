@@ -79,14 +79,23 @@ def test_cpu_cache_ops_accept_overlap(kind):
 
 # ----------------------------------------------------------------------------- CUDA
 
+def _pair_args(M, dtype, device="cuda"):
+    """linear_pair's 8 arguments (a list) for the CUDA tests: N 1024 + 2048, K 512."""
+    return list(make_pair((M,), 1024, 512, 2048, 512, dtype, device))
+
+
+def _sum_args(M, dtype, device="cuda"):
+    """linear_sum's 8 arguments (a list): N 512, K 512 + 8192. K2 = 8192 with N = 512 takes the
+    two-block cluster split at 9-16 rows on sm_90."""
+    return list(make_pair((M,), 512, 512, 512, 8192, dtype, device))
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("M", [1, 4, 12, 16, 32])
 def test_cuda_linear2_overlap_reads_late_inputs_after_the_previous_kernel(M, dtype):
     # pair: x1 and x2 are written by the previous kernel; sum: x1 is (x2 may be read early).
-    # The sum's K2 = 8192 with N = 512 takes the two-block cluster split at 9-16 rows on sm_90.
-    pair = list(make_pair((M,), 1024, 512, 2048, 512, dtype, "cuda"))
-    sum_ = list(make_pair((M,), 512, 512, 512, 8192, dtype, "cuda"))
+    pair, sum_ = _pair_args(M, dtype), _sum_args(M, dtype)
     for _ in range(2):
         new = [torch.randn(M, 512, device="cuda").to(dtype) for _ in range(3)]
         (px1, px2), rw_pair = _late([pair[0], pair[4]])
@@ -105,8 +114,7 @@ def test_cuda_linear2_overlap_reads_late_inputs_after_the_previous_kernel(M, dty
 @pytest.mark.parametrize("M", [1, 16])
 def test_cuda_linear2_overlap_in_a_cuda_graph(M):
     dtype = torch.float16
-    pair = list(make_pair((M,), 1024, 512, 2048, 512, dtype, "cuda"))
-    sum_ = list(make_pair((M,), 512, 512, 512, 8192, dtype, "cuda"))
+    pair, sum_ = _pair_args(M, dtype), _sum_args(M, dtype)
     (px1, px2, sx1), rewrite = _late([pair[0], pair[4], sum_[0]])
     vals = [torch.randn(M, 512, device="cuda").to(dtype) for _ in range(3)]
 
@@ -156,14 +164,13 @@ def test_cuda_cache_ops_overlap_equal_plain(kind, B, S, budget, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("M", [1, 4, 12, 16, 32])
 def test_cuda_gemv_without_overlap_sees_weights_the_previous_kernel_writes(M, dtype):
-    # On sm_90 every gemv launch (M <= 32) is a programmatic dependent launch; without overlap it
-    # may only ask L2 for its first weight lines before it waits for the previous kernel, never
-    # load them. The previous kernel here writes the weights last (old values: 7), so a kernel
+    # On sm_90 a gemv launch (M <= 32) without overlap is a programmatic dependent launch (but
+    # at 9-16 rows in 4-warp blocks) that must read nothing before it waits for the previous
+    # kernel. The previous kernel here writes the weights last (old values: 7), so a kernel
     # that read them before its wait would return the old weights' product.
-    # K = 8192 with N = 512 takes the two-block cluster split at 9-16 rows on sm_90.
+    # linear's K = 8192 with N = 512 takes the two-block cluster split at 9-16 rows on sm_90.
     lin = list(make_pair((M,), 512, 8192, 2560, 2560, dtype, "cuda"))
-    pair = list(make_pair((M,), 1024, 512, 2048, 512, dtype, "cuda"))
-    sum_ = list(make_pair((M,), 512, 512, 512, 8192, dtype, "cuda"))
+    pair, sum_ = _pair_args(M, dtype), _sum_args(M, dtype)
     news = [torch.randint(-127, 128, t.shape, dtype=torch.int8, device="cuda")
             for t in (lin[1], lin[5], pair[1], pair[5], sum_[1], sum_[5])]
     late, rewrite = _late([lin[1], lin[5], pair[1], pair[5], sum_[1], sum_[5]])
@@ -196,8 +203,7 @@ def test_cuda_w8a16_pdl_0_launches_plainly_with_the_same_results(tmp_path):
     # The switch is read once per process, hence the child process.
     torch.manual_seed(0)
     args = dict(lin=make_pair((3,), 512, 8192, 8, 16, torch.float16, "cuda")[:4],
-                pair=make_pair((12,), 1024, 512, 2048, 512, torch.float16, "cuda"),
-                sum=make_pair((16,), 512, 512, 512, 8192, torch.float16, "cuda"))
+                pair=_pair_args(12, torch.float16), sum=_sum_args(16, torch.float16))
     torch.save(args, tmp_path / "args.pt")
     env = dict(os.environ, W8A16_PDL="0")
     subprocess.run([sys.executable, "-c", _NO_PDL_SCRIPT, str(tmp_path / "args.pt"), str(tmp_path / "out.pt")],
