@@ -34,8 +34,9 @@
 //    whose input predates the attention kernel before it) before it waits. H100, batch 16,
 //    Pythia-2.8B shapes, with the cache op's early tiles: H2O step 2.68 -> 2.55 ms. Two
 //    segments always run segment 1 first, so the flag never changes a result.
-//  * gemm (M > 32, prefill): 128x128x32 block tile, 8 warps of 64x32, 4-stage
-//    cp.async pipeline, x through ldmatrix from an XOR-swizzled tile, int8 w
+//  * gemm (M > 32, prefill): 128x128 block tile, 8 warps of 64x32, a 4-stage cp.async
+//    pipeline of 64-wide k-tiles (32-wide in split launches and on GPUs with less than
+//    2 x 97 KB of shared memory per SM), x through ldmatrix from an XOR-swizzled tile, int8 w
 //    through 32-bit shared loads + one byte_perm that puts each thread's fragment
 //    bytes together, then dequantized in registers. (Dequantizing each stage once
 //    into a 16-bit tile read with ldmatrix measured no faster on H100.)
@@ -750,11 +751,9 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
 
 // ---------------------------------------------------------------------------------
 // gemm: M > 32.
-constexpr int BM = 128, BN = 128, BK = 32, STAGES = 4, GEMM_THREADS = 256;
-constexpr int A_STAGE_BYTES = BM * BK * 2;  // fp16/bf16
-constexpr int B_STAGE_BYTES = BN * BK;      // int8
-constexpr int GEMM_SMEM = STAGES * (A_STAGE_BYTES + B_STAGE_BYTES);
-
+constexpr int BM = 128, BN = 128, GEMM_THREADS = 256;
+// The k-tile of split launches and of the split accounting (KSplit, gemm_splits).
+constexpr int BK = 32;
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -762,30 +761,40 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t addr) {
                : "r"(addr));
 }
 
-// A tile: BM rows x BK halves = 4 chunks of 16 B per row; chunk c of row r lives
-// at chunk c ^ ((r >> 1) & 3), so ldmatrix's 8 row reads hit 8 distinct bank groups.
-__device__ __forceinline__ int a_offset(int row, int chunk) {
-  return row * (BK * 2) + ((chunk ^ ((row >> 1) & 3)) << 4);
-}
-// B tile: BN rows x BK bytes = 2 chunks per row; flipping the chunk of rows 4-7
-// (mod 8) makes the fragment reads of 8 rows conflict-free.
-__device__ __forceinline__ int b_offset(int row, int chunk) {
-  return row * BK + ((chunk ^ ((row >> 2) & 1)) << 4);
-}
+// Tile shape of the gemm's k-loop: KB (k per shared-memory stage) and NS (stages).
+// A tile: BM rows x KB halves = KB / 8 chunks of 16 B per row; B tile: BN rows x KB bytes =
+// KB / 16 chunks. The chunks of a row are permuted by a row-dependent xor so that the 8 rows an
+// ldmatrix phase (A) or a fragment load (B, 8 rows g = 0..7) reads hit distinct bank groups:
+//   A, 4 chunks (64 B rows): c ^ ((r >> 1) & 3);   A, 8 chunks (128 B rows): c ^ (r & 7);
+//   B, 2 chunks (32 B rows): c ^ ((r >> 2) & 1);   B, 4 chunks (64 B rows): c ^ ((r >> 1) & 3).
+template <int KB, int NS>
+struct GemmTile {
+  static constexpr int kBK = KB, kStages = NS;
+  static constexpr int CA = KB / 8, CB = KB / 16;
+  static constexpr int A_STAGE = BM * KB * 2, B_STAGE = BN * KB;
+  static constexpr int SMEM = NS * (A_STAGE + B_STAGE);
+  static_assert(CA == 4 || CA == 8, "KB is 32 or 64");
+  static __device__ __forceinline__ int a_offset(int row, int c) {
+    return row * (KB * 2) + ((CA == 4 ? c ^ ((row >> 1) & 3) : c ^ (row & 7)) << 4);
+  }
+  static __device__ __forceinline__ int b_offset(int row, int c) {
+    return row * KB + ((CB == 2 ? c ^ ((row >> 2) & 1) : c ^ ((row >> 1) & 3)) << 4);
+  }
+};
 
-// Split-K (blockIdx.z = split, kt_split k-tiles of BK each): with partial != nullptr the block
+// Split-K (blockIdx.z = split, kt_split k-tiles of C::kBK each): with partial != nullptr the block
 // writes its raw fp32 sums to partial[z][M][N] and gemm_splitk_reduce applies the epilogue, so
 // split launches always use the GELU = false instantiation. H100, M = 128, mlp_up: the GELU = true
 // kernel's main loop measured ~0.9 us slower than the GELU = false one (35.0 us), whether the GeLU
 // was a template parameter or a runtime flag (which slowed linear to 36.1 us instead).
-template <typename T, bool GELU>
+template <typename T, bool GELU, typename C>
 __global__ void __launch_bounds__(GEMM_THREADS, 2)
     gemm_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ scales,
                 const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K, int kt_split,
                 float* __restrict__ partial) {
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* sA = smem;
-  uint8_t* sB = smem + STAGES * A_STAGE_BYTES;
+  uint8_t* sB = smem + C::kStages * C::A_STAGE;
   const uint32_t sA_u = static_cast<uint32_t>(__cvta_generic_to_shared(sA));
   const uint32_t sB_u = static_cast<uint32_t>(__cvta_generic_to_shared(sB));
 
@@ -794,25 +803,27 @@ __global__ void __launch_bounds__(GEMM_THREADS, 2)
   const int wm = warp >> 2, wn = warp & 3;  // warp tile: rows wm*64, cols wn*32
   const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
   const int kt0 = blockIdx.z * kt_split;
-  const int KT = min((K + BK - 1) / BK - kt0, kt_split);  // this split's k-tiles (> 0)
+  const int KT = min((K + C::kBK - 1) / C::kBK - kt0, kt_split);  // this split's k-tiles (> 0)
 
   auto load_stage = [&](int stage, int kt) {
-    const int kb = (kt0 + kt) * BK;
+    const int kb = (kt0 + kt) * C::kBK;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {  // A: 512 chunks of 8 halves
+    for (int i = 0; i < BM * C::CA / GEMM_THREADS; ++i) {  // A: chunks of 8 halves
       const int q = tid + i * GEMM_THREADS;
-      const int row = q >> 2, c = q & 3;
+      const int row = q / C::CA, c = q % C::CA;
       const int gm = m0 + row, gk = kb + c * 8;
       const bool ok = gm < M && gk < K;
       const T* src = x + (ok ? (size_t)gm * K + gk : 0);
-      cp_async16(sA_u + stage * A_STAGE_BYTES + a_offset(row, c), src, ok);
+      cp_async16(sA_u + stage * C::A_STAGE + C::a_offset(row, c), src, ok);
     }
-    {  // B: 256 chunks of 16 bytes
-      const int row = tid >> 1, c = tid & 1;
+#pragma unroll
+    for (int i = 0; i < BN * C::CB / GEMM_THREADS; ++i) {  // B: chunks of 16 bytes
+      const int q = tid + i * GEMM_THREADS;
+      const int row = q / C::CB, c = q % C::CB;
       const int gn = n0 + row, gk = kb + c * 16;
       const bool ok = gn < N && gk < K;
       const int8_t* src = w + (ok ? (size_t)gn * K + gk : 0);
-      cp_async16(sB_u + stage * B_STAGE_BYTES + b_offset(row, c), src, ok);
+      cp_async16(sB_u + stage * C::B_STAGE + C::b_offset(row, c), src, ok);
     }
   };
 
@@ -825,36 +836,36 @@ __global__ void __launch_bounds__(GEMM_THREADS, 2)
       for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
 
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
+  for (int s = 0; s < C::kStages - 1; ++s) {
     if (s < KT) load_stage(s, s);
     cp_async_commit();
   }
 
   const uint32_t sel = (t & 1) ? 0x7632u : 0x5410u;
   for (int kt = 0; kt < KT; ++kt) {
-    cp_async_wait<STAGES - 2>();
+    cp_async_wait<C::kStages - 2>();
     __syncthreads();
     {
-      const int nk = kt + STAGES - 1;
-      if (nk < KT) load_stage(nk % STAGES, nk);
+      const int nk = kt + C::kStages - 1;
+      if (nk < KT) load_stage(nk % C::kStages, nk);
       cp_async_commit();
     }
-    const int stage = kt % STAGES;
-    const uint32_t aBase = sA_u + stage * A_STAGE_BYTES;
-    const uint8_t* bBase = sB + stage * B_STAGE_BYTES;
+    const int stage = kt % C::kStages;
+    const uint32_t aBase = sA_u + stage * C::A_STAGE;
+    const uint8_t* bBase = sB + stage * C::B_STAGE;
 #pragma unroll
-    for (int s = 0; s < 2; ++s) {  // two k16 steps per BK = 32
+    for (int s = 0; s < C::kBK / 16; ++s) {  // k16 steps per stage
       uint32_t af[4][4];
 #pragma unroll
       for (int mi = 0; mi < 4; ++mi) {
         const int row = wm * 64 + mi * 16 + (lane & 15);
-        ldmatrix_x4(af[mi], aBase + a_offset(row, s * 2 + (lane >> 4)));
+        ldmatrix_x4(af[mi], aBase + C::a_offset(row, s * 2 + (lane >> 4)));
       }
       uint32_t bf[4][2];
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni) {
         const int row = wn * 32 + ni * 8 + g;
-        const uint8_t* p = bBase + b_offset(row, s) + 4 * (t >> 1);
+        const uint8_t* p = bBase + C::b_offset(row, s) + 4 * (t >> 1);
         const uint32_t wa = *reinterpret_cast<const uint32_t*>(p);      // k 4(t/2) .. +3
         const uint32_t wb = *reinterpret_cast<const uint32_t*>(p + 8);  // k 8 + 4(t/2) .. +3
         // bytes k = 2t, 2t+1, 2t+8, 2t+9 of this k16 step: the B fragment's order.
@@ -1144,6 +1155,19 @@ cudaError_t launch_splitk_reduce(const float* partial, int S, const float* scale
   return cudaGetLastError();
 }
 
+template <typename T, bool GELU, typename C>
+cudaError_t launch_gemm(const void* x, const int8_t* w, const float* scales, const void* bias, void* y, int M, int N,
+                        int K, int kt_split, float* partial, cudaStream_t stream) {
+  auto kernel = gemm_kernel<T, GELU, C>;
+  // The attribute is per device; setting it is cheap and allowed during capture.
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+  if (e != cudaSuccess) return e;
+  const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM, partial ? (((K + C::kBK - 1) / C::kBK) + kt_split - 1) / kt_split : 1);
+  kernel<<<grid, GEMM_THREADS, C::SMEM, stream>>>(static_cast<const T*>(x), w, scales, static_cast<const T*>(bias),
+                                                  static_cast<T*>(y), M, N, K, kt_split, partial);
+  return cudaGetLastError();
+}
+
 template <typename T, bool GELU>
 cudaError_t launch(const void* x, const int8_t* w, const float* scales, const void* bias, void* y, int M, int N,
                    int K, int splits, float* workspace, cudaStream_t stream) {
@@ -1158,16 +1182,18 @@ cudaError_t launch(const void* x, const int8_t* w, const float* scales, const vo
   }
   const KSplit ks((K + BK - 1) / BK, workspace ? splits : 1);
   const int used = ks.used;
-  auto kernel = used > 1 ? gemm_kernel<T, false> : gemm_kernel<T, GELU>;
-  // The attribute is per device; setting it is cheap and allowed during capture.
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM);
+  // Unsplit launches take 64-wide k-tiles where two blocks of them (96 KB each) fit on an SM
+  // (sm_90: 228 KB; not sm_80's 164 KB): half the barriers of the 32-wide tiles, and 4 k16 steps a
+  // stage to interleave. H100, M = 2048, 7 replays each, two alternating runs: qkv 302 -> 273 us,
+  // attn_out 123 -> 107, mlp_up 396 -> 357, LM head 1995 -> 1825 (results bit-identical: the k16
+  // steps accumulate in the same order). Split launches keep the 32-wide tiles that gemm_splits'
+  // cost model was fitted to.
+  using Wide = GemmTile<64, 4>;
+  if (used == 1 && device_facts().smem_per_sm >= 2 * (Wide::SMEM + 1024))
+    return launch_gemm<T, GELU, Wide>(x, w, scales, bias, y, M, N, K, INT_MAX, nullptr, stream);
+  if (used == 1) return launch_gemm<T, GELU, GemmTile<32, 4>>(x, w, scales, bias, y, M, N, K, INT_MAX, nullptr, stream);
+  cudaError_t e = launch_gemm<T, false, GemmTile<32, 4>>(x, w, scales, bias, y, M, N, K, ks.kt, workspace, stream);
   if (e != cudaSuccess) return e;
-  const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM, used);
-  kernel<<<grid, GEMM_THREADS, GEMM_SMEM, stream>>>(static_cast<const T*>(x), w, scales, static_cast<const T*>(bias),
-                                                    static_cast<T*>(y), M, N, K, ks.kt,
-                                                    used > 1 ? workspace : nullptr);
-  e = cudaGetLastError();
-  if (e != cudaSuccess || used == 1) return e;
   return launch_splitk_reduce<T, GELU>(workspace, used, scales, bias, y, M, N, stream, device_facts());
 }
 
