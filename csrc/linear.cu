@@ -1206,7 +1206,7 @@ cudaError_t launch2(const W8A16Linear2& a, int M, cudaStream_t stream) {
     p.prob[pi].seg[si] = make_seg<T>(a.x[i], a.w[i], a.scales[i], a.bias[i], a.K[i]);
   }
   const int nprob = a.sum ? 1 : 2;
-  p.early = a.overlap;
+  p.early = a.overlap ? GEMV_EARLY : GEMV_WAIT;  // launch_gemv_params turns it into GEMV_PLAIN below sm_90
   if (a.sum && a.norm_y[0]) {
     p.norm.residual = static_cast<const T*>(a.residual);
     for (int i = 0; i < 2; ++i) {
