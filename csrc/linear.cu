@@ -57,6 +57,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 
 #include "device_facts.h"
 #include "linear.h"
@@ -1188,9 +1190,14 @@ cudaError_t launch(const void* x, const int8_t* w, const float* scales, const vo
   // attn_out 123 -> 107, mlp_up 396 -> 357, LM head 1995 -> 1825 (results bit-identical: the k16
   // steps accumulate in the same order). Split launches keep the 32-wide tiles that gemm_splits'
   // cost model was fitted to.
+  // W8A16_GEMM_KTILE=32 or 64 (read once per process) forces the width, for tests and A/B timing.
   using Wide = GemmTile<64, 4>;
-  if (used == 1 && device_facts().smem_per_sm >= 2 * (Wide::SMEM + 1024))
-    return launch_gemm<T, GELU, Wide>(x, w, scales, bias, y, M, N, K, INT_MAX, nullptr, stream);
+  static const int forced = [] {
+    const char* v = std::getenv("W8A16_GEMM_KTILE");
+    return v == nullptr ? 0 : std::strcmp(v, "32") == 0 ? 32 : std::strcmp(v, "64") == 0 ? 64 : 0;
+  }();
+  const bool wide = forced ? forced == 64 : device_facts().smem_per_sm >= 2 * (Wide::SMEM + 1024);
+  if (used == 1 && wide) return launch_gemm<T, GELU, Wide>(x, w, scales, bias, y, M, N, K, INT_MAX, nullptr, stream);
   if (used == 1) return launch_gemm<T, GELU, GemmTile<32, 4>>(x, w, scales, bias, y, M, N, K, INT_MAX, nullptr, stream);
   cudaError_t e = launch_gemm<T, false, GemmTile<32, 4>>(x, w, scales, bias, y, M, N, K, ks.kt, workspace, stream);
   if (e != cudaSuccess) return e;
