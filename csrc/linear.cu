@@ -1157,14 +1157,15 @@ cudaError_t launch_splitk_reduce(const float* partial, int S, const float* scale
   return cudaGetLastError();
 }
 
+// `splits` blocks along z of `kt_split` k-tiles each, writing to `partial` when splits > 1.
 template <typename T, bool GELU, typename C>
 cudaError_t launch_gemm(const void* x, const int8_t* w, const float* scales, const void* bias, void* y, int M, int N,
-                        int K, int kt_split, float* partial, cudaStream_t stream) {
+                        int K, int splits, int kt_split, float* partial, cudaStream_t stream) {
   auto kernel = gemm_kernel<T, GELU, C>;
   // The attribute is per device; setting it is cheap and allowed during capture.
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess) return e;
-  const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM, partial ? (((K + C::kBK - 1) / C::kBK) + kt_split - 1) / kt_split : 1);
+  const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM, splits);
   kernel<<<grid, GEMM_THREADS, C::SMEM, stream>>>(static_cast<const T*>(x), w, scales, static_cast<const T*>(bias),
                                                   static_cast<T*>(y), M, N, K, kt_split, partial);
   return cudaGetLastError();
@@ -1197,9 +1198,10 @@ cudaError_t launch(const void* x, const int8_t* w, const float* scales, const vo
     return v == nullptr ? 0 : std::strcmp(v, "32") == 0 ? 32 : std::strcmp(v, "64") == 0 ? 64 : 0;
   }();
   const bool wide = forced ? forced == 64 : device_facts().smem_per_sm >= 2 * (Wide::SMEM + 1024);
-  if (used == 1 && wide) return launch_gemm<T, GELU, Wide>(x, w, scales, bias, y, M, N, K, INT_MAX, nullptr, stream);
-  if (used == 1) return launch_gemm<T, GELU, GemmTile<32, 4>>(x, w, scales, bias, y, M, N, K, INT_MAX, nullptr, stream);
-  cudaError_t e = launch_gemm<T, false, GemmTile<32, 4>>(x, w, scales, bias, y, M, N, K, ks.kt, workspace, stream);
+  if (used == 1 && wide) return launch_gemm<T, GELU, Wide>(x, w, scales, bias, y, M, N, K, 1, INT_MAX, nullptr, stream);
+  if (used == 1)
+    return launch_gemm<T, GELU, GemmTile<32, 4>>(x, w, scales, bias, y, M, N, K, 1, INT_MAX, nullptr, stream);
+  cudaError_t e = launch_gemm<T, false, GemmTile<32, 4>>(x, w, scales, bias, y, M, N, K, used, ks.kt, workspace, stream);
   if (e != cudaSuccess) return e;
   return launch_splitk_reduce<T, GELU>(workspace, used, scales, bias, y, M, N, stream, device_facts());
 }

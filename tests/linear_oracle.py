@@ -1,11 +1,15 @@
 """Helpers of the W8A16 linear tests (tests/w8a16_ops/test_linear*.py): the fp32 oracle, the
 same-precision torch peer and the relative error the bars compare, the random quantized inputs
-of the two-linear ops, the eager-vs-compiled checks (same error, same outputs) and the check
-that reduce-overhead really recorded a CUDA graph. Importable because pyproject's pytest options
+of the two-linear ops, the eager-vs-compiled checks (same error, same outputs), the check
+that reduce-overhead really recorded a CUDA graph and the run of ops in a child process (for
+switches the extension reads once per process). Importable because pyproject's pytest options
 put tests/ on the path."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,3 +98,15 @@ def assert_cuda_graph_recorded(device):
     assert counters["inductor"]["cudagraph_skips"] == 0, "inductor skipped CUDA graphs"
     mgr = cudagraph_trees.get_container(device.index).tree_manager
     assert mgr is not None and len(mgr.roots) > 0, "no CUDA graph was recorded"
+
+
+def child_outputs(tmp_path, script: str, payload, name: str, **env) -> list:
+    """Run `script` in a child Python with `env` added to the environment (switches the CUDA
+    extension reads once per process): it gets the path of `payload` (saved with torch.save)
+    as argv[1] and saves its list of outputs to argv[2], which is loaded and returned."""
+    args, out = tmp_path / f"{name}-in.pt", tmp_path / f"{name}-out.pt"
+    torch.save(payload, args)
+    subprocess.run([sys.executable, "-c", script, str(args), str(out)], env=dict(os.environ, **env),
+                   check=True, timeout=300)
+    return torch.load(out)
+

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linear_oracle import (assert_cuda_graph_recorded, oracle, rel_err, reset_compile_counters,
-                           torch_same_precision)
+from linear_oracle import (assert_cuda_graph_recorded, child_outputs, oracle, rel_err,
+                           reset_compile_counters, torch_same_precision)
 
 import w8a16_ops
 from w8a16_ops import quantize_per_channel, reference
@@ -429,10 +429,6 @@ def test_cuda_gemm_k_tile_widths_agree_bit_for_bit(tmp_path):
     # An unsplit GEMM launch copies 64-wide k-tiles where two such blocks fit an SM (sm_90), else
     # 32-wide ones (sm_80); the k16 steps accumulate in the same order either way, so the results
     # are identical. W8A16_GEMM_KTILE (read once per process, hence the children) forces a width.
-    import os
-    import subprocess
-    import sys
-
     torch.manual_seed(0)
     cases = []
     for (M, N, K), dtype, bias, gelu in (((2048, 2560, 2560), torch.float16, True, False),
@@ -440,21 +436,15 @@ def test_cuda_gemm_k_tile_widths_agree_bit_for_bit(tmp_path):
                                          ((200, 50277, 80), torch.float16, False, True),  # one partial k-tile
                                          ((129, 1, 10240), torch.bfloat16, False, False),
                                          ((300, 1280, 320), torch.float16, True, True)):
-        x, w, s, b = make_inputs(M, N, K, dtype, "cuda", bias=bias)
-        cases.append(((x.cpu(), w.cpu(), s.cpu(), None if b is None else b.cpu()), gelu))
-    torch.save([(tuple(None if t is None else t.cuda() for t in a), g) for a, g in cases], tmp_path / "cases.pt")
-    outs = {}
-    for width in ("32", "64"):
-        # unsplit launches only (the split ones always take 32-wide tiles)
-        env = dict(os.environ, W8A16_GEMM_KTILE=width, W8A16_GEMM_SPLITS="1")
-        subprocess.run([sys.executable, "-c", _KTILE_SCRIPT, str(tmp_path / "cases.pt"), str(tmp_path / f"{width}.pt")],
-                       env=env, check=True, timeout=300)
-        outs[width] = torch.load(tmp_path / f"{width}.pt")
-    for (a, gelu), y32, y64 in zip(cases, outs["32"], outs["64"], strict=True):
-        assert torch.equal(y32, y64)
-        x, w, s, b = (None if t is None else t.cuda() for t in a)
-        ref = oracle(x, w, s, b, gelu)
-        assert rel_err(y64.cuda(), ref) <= 2 * rel_err(torch_same_precision(x, w, s, b, gelu), ref) + 1e-6
+        cases.append((make_inputs(M, N, K, dtype, "cuda", bias=bias), gelu))
+    # unsplit launches only (the split ones always take 32-wide tiles)
+    y32, y64 = (child_outputs(tmp_path, _KTILE_SCRIPT, cases, f"ktile{width}",
+                              W8A16_GEMM_KTILE=width, W8A16_GEMM_SPLITS="1") for width in ("32", "64"))
+    assert len(y32) == len(y64) == len(cases)
+    for (args, gelu), a, b in zip(cases, y32, y64):
+        assert torch.equal(a, b)
+        ref = oracle(*args, gelu)
+        assert rel_err(b.cuda(), ref) <= 2 * rel_err(torch_same_precision(*args, gelu), ref) + 1e-6
 
 
 @cuda

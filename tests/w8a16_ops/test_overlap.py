@@ -13,14 +13,10 @@ W8A16_PDL=0 turns every such launch into an ordinary one.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from linear_oracle import make_pair
+from linear_oracle import child_outputs, make_pair
 from pdl_helpers import late_copies as _late
 
 import w8a16_ops  # noqa: F401  (registers the ops; builds the CUDA kernels on a GPU machine)
@@ -204,11 +200,7 @@ def test_cuda_w8a16_pdl_0_launches_plainly_with_the_same_results(tmp_path):
     torch.manual_seed(0)
     args = dict(lin=make_pair((3,), 512, 8192, 8, 16, torch.float16, "cuda")[:4],
                 pair=_pair_args(12, torch.float16), sum=_sum_args(16, torch.float16))
-    torch.save(args, tmp_path / "args.pt")
-    env = dict(os.environ, W8A16_PDL="0")
-    subprocess.run([sys.executable, "-c", _NO_PDL_SCRIPT, str(tmp_path / "args.pt"), str(tmp_path / "out.pt")],
-                   env=env, check=True, timeout=300)
-    got = torch.load(tmp_path / "out.pt")
+    got = child_outputs(tmp_path, _NO_PDL_SCRIPT, args, "no-pdl", W8A16_PDL="0")
     want = [torch.ops.w8a16.linear(*args["lin"]), *PAIR(*args["pair"], gelu2=True, overlap=True),
             SUM(*args["sum"], overlap=True)]
     assert len(got) == len(want) == 4
