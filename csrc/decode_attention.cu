@@ -58,10 +58,16 @@ namespace {
 
 constexpr int kTile = 32;             // tokens per pipeline stage; one lane per token in the softmax
 constexpr int kMaxSplits = 64;        // the combine kernel holds two splits per lane of one warp
-constexpr int kMinSplitTokens = 256;  // split S at most once per 256 slots (more splits of a long
-                                      // cache cost more in the combine than they save, H100, B=1)
-constexpr int kShortSplits = 8;       // ... but a short cache may take up to 8 splits of >= 64
-constexpr int kShortSplitTokens = 64; // slots: B=1, S=505 (H2O 252/252) 14.1 -> 11.9 us per call
+// Split S at most once per kMinSplitTokens slots, but a short cache may take up to kShortSplits
+// splits of >= kShortSplitTokens slots (see choose_splits). Session 14, H100, INT8 Pythia-2.8B
+// decode steps at batch 1 in the compiled decoder (max_len 2176, mean over 2,035 steps): 256 /
+// 8 / 64 -> 128 / 16 / 32 took full 1.588 -> 1.554 ms per step and H2O 252/252 1.478 -> 1.451
+// (16 splits instead of 9 and 8). Before programmatic launches overlapped the combine kernel,
+// more splits of a long cache had cost more in the combine than they saved (the previous values
+// date from commit 63e6d28: B=1, S=505, 2 -> 8 splits took the evicting op 14.1 -> 11.9 us).
+constexpr int kMinSplitTokens = 128;
+constexpr int kShortSplits = 16;
+constexpr int kShortSplitTokens = 32;
 constexpr int kKeep = 4;             // slots per thread held in registers by the score update
 constexpr int kScoreChunk = 1024;     // tokens of `scores` per combine block
 constexpr int kCombineThreads = 256;

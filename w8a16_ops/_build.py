@@ -28,6 +28,25 @@ def _build_dir(cc: tuple[int, int]) -> Path:
     return base / tag
 
 
+# Switches the kernels read from the environment once per process (csrc/device_facts.h,
+# csrc/linear.cu), with the values they accept. W8A16_GEMM_SPLITS is read on every call and
+# checked there (csrc/ops.cpp).
+ENV_SWITCHES = {
+    "W8A16_PDL": ("0", "1"),             # programmatic dependent launch on sm_90+ (default on)
+    "W8A16_GEMM_KTILE": ("32", "64"),    # k-tile width of unsplit M > 32 GEMM launches (default: by GPU)
+}
+
+
+def check_env() -> None:
+    """Raise ValueError when a kernel switch in the environment holds a value the kernels do
+    not accept (unset or empty means the default)."""
+    for name, allowed in ENV_SWITCHES.items():
+        value = os.environ.get(name)
+        if value and value not in allowed:
+            raise ValueError(f"w8a16_ops: environment variable {name} must be one of {', '.join(allowed)} "
+                             f"(or unset), got {value!r}")
+
+
 def load_extension(verbose: bool = False) -> bool:
     """Build (if needed) and load the CUDA kernels. Returns True when they are loaded.
 
@@ -37,6 +56,7 @@ def load_extension(verbose: bool = False) -> bool:
         return True
     if not torch.cuda.is_available() or os.environ.get("W8A16_NO_BUILD") == "1":
         return False
+    check_env()  # before the library exists: its kernels read the switches once
     from torch.utils.cpp_extension import load
 
     missing = [s for s in _SOURCES if not (_CSRC / s).exists()]

@@ -374,7 +374,8 @@ def test_split_k_is_deterministic_and_resets(M):
 
 @cuda
 @pytest.mark.parametrize("splits", ["1", "3", "7", "auto"])
-@pytest.mark.parametrize("shape", [(128, 2560, 10240), (100, 1, 2560), (33, 40, 8208), (77, 2568, 512), (64, 50277, 256)],
+@pytest.mark.parametrize("shape", [(128, 2560, 10240), (100, 1, 2560), (33, 40, 8208), (77, 2568, 512),
+                                   (64, 50277, 256)],
                          ids=lambda s: "M{}-N{}-K{}".format(*s))
 def test_cuda_gemm_split_k_numerics(shape, splits, monkeypatch):
     # The M > 32 GEMM splits K over blocks when its tiles leave SMs idle; the partial sums
