@@ -1009,17 +1009,75 @@ cudaError_t launch_segs(const GemvParams<T>& p, bool two, int tiles, size_t smem
              : launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, KS, WARPS>(p, tiles, smem, stream);
 }
 
+// Warps per block (6, 8 or 10) of a one-segment gemv at <= 8 rows (NT == 1, no cluster). Each
+// warp takes the chunks vw, vw + W, ... of its channel tile, UNROLL per round, and issues a
+// round's loads before its math, so a block takes ceil(chunks / (W * UNROLL)) rounds of DRAM
+// round trips; the launch takes ceil(tiles / slots) waves, slots = resident blocks per SM x SMs.
+// Resident blocks: the launch bounds' register cap (gemv_min_blocks * 8 / W: 5, 4, 3), shared
+// memory (reduction buffer, the 1 KB the runtime reserves, staged x), and at most kStagedXPerSm
+// of staged x per SM (M = 8, 40 KB a block: 5 blocks an SM measured 6-27% slower than 3 or 4 on
+// mlp_up, qkv, the LM head and linear_pair, though they fit). The pick: fewest waves x (rounds
+// + 1) (a wave costs its rounds plus about one more for its blocks' start, x staging and
+// reduction), then fewest waves, then most warps. A measured model, not a derived one: H100, M =
+// 1-8, every Pythia-2.8B shape picks the fastest of 5, 6, 8 and 10 warps or one within 2% of it
+// (4 warps was never the fastest). Until session 15 the launch took 8 warps, or 4 where 8 took
+// more than a wave: M = 1, us, before -> after: mlp_up 13.3 -> 11.0 (6 warps), attn_out 5.1 ->
+// 4.4 (10), mlp_down 12.9 -> 12.0 (10), linear_pair (qkv + mlp_up) 19.6 -> 17.5 (6), LM head
+// 45.8 -> 44.9 (6), qkv 8.7 (8, unchanged); docs/kernels.md.
+constexpr size_t kStagedXPerSm = 160 * 1024;
+template <int W, int CT, int NT>
+int gemv_slots(size_t xsmem, const DeviceFacts& dev) {
+  const int by_regs = gemv_min_blocks<NT, CT, 1>() * 8 / W;
+  const size_t per_block = xsmem + (size_t)W * CT * NT * 4 * 32 * sizeof(float) + 1024 + 64;
+  int blocks = by_regs;
+  if (dev.smem_per_sm > 0) blocks = std::min<long long>(blocks, (long long)(dev.smem_per_sm / per_block));
+  if (xsmem > 0) blocks = std::min<long long>(blocks, (long long)(kStagedXPerSm / xsmem));
+  return std::max(1, blocks) * dev.sms;
+}
+template <int W, int CT, int NT, int UNROLL>
+void gemv_warps_cost(int tiles, int chunks, size_t xsmem, const DeviceFacts& dev, int& best_w, long long& best_key) {
+  // The staged x and the reduction buffer (static) must fit the 48 KB a block gets without opting in.
+  if (xsmem + (size_t)W * CT * NT * 4 * 32 * sizeof(float) > 48 * 1024) return;
+  const long long waves = (tiles + gemv_slots<W, CT, NT>(xsmem, dev) - 1) / gemv_slots<W, CT, NT>(xsmem, dev);
+  const long long rounds = (chunks + W * UNROLL - 1) / (W * UNROLL);
+  // (waves x (rounds + 1), waves, -W), packed into one comparable integer
+  const long long key = ((waves * (rounds + 1)) << 40) | (waves << 8) | (long long)(255 - W);
+  if (best_w == 0 || key < best_key) {
+    best_w = W;
+    best_key = key;
+  }
+}
+template <int CT, int NT, int UNROLL>
+int gemv_warps_small_m(int tiles, int chunks, size_t xsmem, const DeviceFacts& dev) {
+  int w = 0;
+  long long key = 0;
+  gemv_warps_cost<6, CT, NT, UNROLL>(tiles, chunks, xsmem, dev, w, key);
+  gemv_warps_cost<8, CT, NT, UNROLL>(tiles, chunks, xsmem, dev, w, key);
+  gemv_warps_cost<10, CT, NT, UNROLL>(tiles, chunks, xsmem, dev, w, key);
+  return w;
+}
+
 // ks == 2 (thread-block clusters of two) is built for the 9-16-row tiles only, with 8 warps.
 // Blocks of 4 warps instead of 8 (the same registers per thread, twice the blocks per SM) when
 // the 8-warp grid would take more than one wave and the 4-warp one, at <= 8 rows, fits in one
 // (and the staged x leaves room for the doubled blocks); at 9-16 rows whenever it takes more
-// than one wave. H100: mlp_up M = 1 14.1 -> 12.8 us (640 tiles, 528 slots of 8 warps),
+// than one wave. One-segment launches at <= 8 rows take 6, 8 or 10 warps (gemv_warps_small_m).
+// H100: mlp_up M = 1 14.1 -> 12.8 us (640 tiles, 528 slots of 8 warps; 11.0 with 6 warps),
 // M = 16 16.1 -> 13.5 us, LM head M = 16 53.6 -> 50.3 us; with 4 warps everywhere, qkv M = 16
 // (240 tiles) took 11.8 instead of 10.3 us, the LM head at M = 8 60.7 instead of 52.1 us.
 template <typename T, int NT, int CT, int UNROLL, bool XSMEM = false>
-cudaError_t launch_gemv(const GemvParams<T>& p, int tiles, int ks, size_t smem, cudaStream_t stream,
+cudaError_t launch_gemv(const GemvParams<T>& p, int tiles, int ks, int chunks, size_t smem, cudaStream_t stream,
                         const DeviceFacts& dev) {
   const bool two = p.prob[0].seg[1].K > 0 || p.prob[1].seg[1].K > 0 || p.norm.residual != nullptr;
+  if constexpr (NT == 1) {
+    if (!two && ks == 1) {
+      switch (gemv_warps_small_m<CT, NT, UNROLL>(tiles, chunks, XSMEM ? smem : 0, dev)) {
+        case 6: return launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 1, 6>(p, tiles, smem, stream);
+        case 10: return launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 1, 10>(p, tiles, smem, stream);
+        default: return launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 1, 8>(p, tiles, smem, stream);
+      }
+    }
+  }
   if constexpr (NT == 2 && CT == 2 && !XSMEM) {
     if (ks == 2) return launch_segs<T, NT, CT, UNROLL, XSMEM, 2, 8>(p, two, tiles, smem, stream);
     // 9-16 rows, one segment (linear_pair's QKV + MLP-up at M = 16: 560 tiles, 1.06 waves of
@@ -1058,14 +1116,16 @@ cudaError_t launch_gemv_params(GemvParams<T>& p, int nprob, cudaStream_t stream)
   // Two channel tiles a block for 9-16 rows, where x's L2 traffic matters (see gemv_kernel);
   // at 17-32 rows the x fragments alone take 64 registers, and a second tile would spill.
   const int ct = (M > 8 && M <= 16) ? 2 : 1;
-  int tiles = 0, chunks = INT32_MAX;
+  int tiles = 0, chunks = INT32_MAX, max_chunks = 0;
   size_t xbytes = 0;  // the largest problem's x, both segments
   for (int i = 0; i < nprob; ++i) {
     const int t = (p.prob[i].N + 16 * ct - 1) / (16 * ct);
     if (i == 0) p.tiles0 = t;
     tiles += t;
     const int K = p.prob[i].seg[0].K + p.prob[i].seg[1].K;
-    chunks = std::min(chunks, (p.prob[i].seg[0].K + 127) / 128 + (p.prob[i].seg[1].K + 127) / 128);
+    const int c = (p.prob[i].seg[0].K + 127) / 128 + (p.prob[i].seg[1].K + 127) / 128;
+    chunks = std::min(chunks, c);
+    max_chunks = std::max(max_chunks, c);
     xbytes = std::max(xbytes, (size_t)M * K * sizeof(T));
   }
   if (tiles == 0) return cudaSuccess;
@@ -1087,13 +1147,13 @@ cudaError_t launch_gemv_params(GemvParams<T>& p, int nprob, cudaStream_t stream)
   // x of 44-48 KB, e.g. M = 3 at K = 8192, failed to launch.)
   const size_t xmax = p.norm.residual ? 40 * 1024 : 44 * 1024;
   if (M <= 8 && xbytes <= xmax && tiles > 2 * dev.sms)
-    e = launch_gemv<T, 1, 1, 2, true>(p, tiles, ks, xbytes, stream, dev);
+    e = launch_gemv<T, 1, 1, 2, true>(p, tiles, ks, max_chunks, xbytes, stream, dev);
   else if (M <= 8)
-    e = launch_gemv<T, 1, 1, 2>(p, tiles, ks, 0, stream, dev);
+    e = launch_gemv<T, 1, 1, 2>(p, tiles, ks, max_chunks, 0, stream, dev);
   else if (M <= 16)
-    e = launch_gemv<T, 2, 2, 1>(p, tiles, ks, 0, stream, dev);
+    e = launch_gemv<T, 2, 2, 1>(p, tiles, ks, max_chunks, 0, stream, dev);
   else
-    e = launch_gemv<T, 4, 1, 1>(p, tiles, ks, 0, stream, dev);
+    e = launch_gemv<T, 4, 1, 1>(p, tiles, ks, max_chunks, 0, stream, dev);
   return e != cudaSuccess ? e : cudaGetLastError();
 }
 
