@@ -1025,36 +1025,31 @@ cudaError_t launch_segs(const GemvParams<T>& p, bool two, int tiles, size_t smem
 // 4.4 (10), mlp_down 12.9 -> 12.0 (10), linear_pair (qkv + mlp_up) 19.6 -> 17.5 (6), LM head
 // 45.8 -> 44.9 (6), qkv 8.7 (8, unchanged); docs/kernels.md.
 constexpr size_t kStagedXPerSm = 160 * 1024;
-template <int W, int CT, int NT>
-int gemv_slots(size_t xsmem, const DeviceFacts& dev) {
-  const int by_regs = gemv_min_blocks<NT, CT, 1>() * 8 / W;
-  const size_t per_block = xsmem + (size_t)W * CT * NT * 4 * 32 * sizeof(float) + 1024 + 64;
-  int blocks = by_regs;
-  if (dev.smem_per_sm > 0) blocks = std::min<long long>(blocks, (long long)(dev.smem_per_sm / per_block));
-  if (xsmem > 0) blocks = std::min<long long>(blocks, (long long)(kStagedXPerSm / xsmem));
-  return std::max(1, blocks) * dev.sms;
-}
-template <int W, int CT, int NT, int UNROLL>
-void gemv_warps_cost(int tiles, int chunks, size_t xsmem, const DeviceFacts& dev, int& best_w, long long& best_key) {
-  // The staged x and the reduction buffer (static) must fit the 48 KB a block gets without opting in.
-  if (xsmem + (size_t)W * CT * NT * 4 * 32 * sizeof(float) > 48 * 1024) return;
-  const long long waves = (tiles + gemv_slots<W, CT, NT>(xsmem, dev) - 1) / gemv_slots<W, CT, NT>(xsmem, dev);
-  const long long rounds = (chunks + W * UNROLL - 1) / (W * UNROLL);
-  // (waves x (rounds + 1), waves, -W), packed into one comparable integer
-  const long long key = ((waves * (rounds + 1)) << 40) | (waves << 8) | (long long)(255 - W);
-  if (best_w == 0 || key < best_key) {
-    best_w = W;
-    best_key = key;
-  }
-}
+// Static shared memory of a one-segment gemv block: its reduction buffer, red[W][CT * NT * 4][32]
+// floats (gemv_kernel), plus 64 bytes for the kernel's other static arrays (size 1 there).
+constexpr size_t gemv_red_bytes(int warps, int ct, int nt) { return (size_t)warps * ct * nt * 4 * 32 * sizeof(float); }
 template <int CT, int NT, int UNROLL>
 int gemv_warps_small_m(int tiles, int chunks, size_t xsmem, const DeviceFacts& dev) {
-  int w = 0;
-  long long key = 0;
-  gemv_warps_cost<6, CT, NT, UNROLL>(tiles, chunks, xsmem, dev, w, key);
-  gemv_warps_cost<8, CT, NT, UNROLL>(tiles, chunks, xsmem, dev, w, key);
-  gemv_warps_cost<10, CT, NT, UNROLL>(tiles, chunks, xsmem, dev, w, key);
-  return w;
+  int best_w = 0;
+  long long best_cost = 0, best_waves = 0;
+  for (const int W : {6, 8, 10}) {
+    const size_t red = gemv_red_bytes(W, CT, NT);
+    // The staged x and the static shared memory must fit the 48 KB a block gets without opting in.
+    if (xsmem + red > 48 * 1024) continue;
+    long long blocks = gemv_min_blocks<NT, CT, 1>() * 8 / W;  // launch_gemv_kernel's register cap
+    if (dev.smem_per_sm > 0) blocks = std::min<long long>(blocks, dev.smem_per_sm / (xsmem + red + 1024 + 64));
+    if (xsmem > 0) blocks = std::min<long long>(blocks, kStagedXPerSm / xsmem);
+    const long long slots = std::max(1LL, blocks) * dev.sms;
+    const long long waves = (tiles + slots - 1) / slots;
+    const long long cost = waves * ((chunks + W * UNROLL - 1) / (W * UNROLL) + 1);  // waves x (rounds + 1)
+    // Ties: fewer waves, then more warps (W ascends, so a later W wins a full tie).
+    if (best_w == 0 || cost < best_cost || (cost == best_cost && waves <= best_waves)) {
+      best_w = W;
+      best_cost = cost;
+      best_waves = waves;
+    }
+  }
+  return best_w;
 }
 
 // ks == 2 (thread-block clusters of two) is built for the 9-16-row tiles only, with 8 warps.
@@ -1092,7 +1087,7 @@ cudaError_t launch_gemv(const GemvParams<T>& p, int tiles, int ks, int chunks, s
   if constexpr (NT <= 2) {
     const int per_sm8 = two ? gemv_min_blocks<NT, CT, 2>() : gemv_min_blocks<NT, CT, 1>();
     const int slots8 = per_sm8 * dev.sms;
-    constexpr size_t red4 = 4 * CT * NT * 4 * 32 * sizeof(float);  // the 4-warp reduction buffer
+    constexpr size_t red4 = gemv_red_bytes(4, CT, NT);  // the 4-warp reduction buffer
     const bool room = !XSMEM || 2 * per_sm8 * ((XSMEM ? smem : 0) + red4 + 1024) <= 228 * 1024;
     if (ks == 1 && room && tiles > slots8 && (NT == 2 || tiles <= 2 * slots8))
       return launch_segs<T, NT, CT, UNROLL, XSMEM, 1, 4>(p, two, tiles, smem, stream);
