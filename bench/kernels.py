@@ -13,7 +13,10 @@ Every single-linear case is timed three ways, all with the layer's bias:
 * ``w8a16``:  ``torch.ops.w8a16.linear`` / ``linear_gelu`` (int8 weight, fp32 scales);
 * ``fp16``:   ``F.linear(x, w_fp16, b)`` (cuBLAS), then ``F.gelu`` for the GeLU case;
 * ``dequant``: ``F.linear(x, w_int8.to(x.dtype)) * scales + b`` (gpt-fast's eager
-  form: the int8 -> fp16 cast materializes the weight, then cuBLAS; scales kept in x's dtype).
+  form: the int8 -> fp16 cast materializes the weight, then cuBLAS; scales kept in x's dtype);
+* ``w16`` (with ``--w16``): the same w8a16 ops with 16-bit weights (x's dtype) and unit fp32
+  scales, the unquantized form ``Decoder(fuse16=True)`` runs an FP16 model's decode steps
+  through: our gemv up to 32 rows, torch's matmul and an fp32 epilogue above.
 
 A fused case is timed four ways, each doing what the layer needs (layer_in: both outputs,
 GeLU on the second; layer_out: the sum of the two linears):
@@ -22,7 +25,8 @@ GeLU on the second; layer_out: the sum of the two linears):
 * ``w8a16 x2``: the two separate W8A16 calls (``linear`` + ``linear_gelu``; ``linear`` + ``linear``
   and the add of their outputs, as the unfused model does);
 * ``fp16``:     two ``F.linear`` (+ ``F.gelu`` on the second for layer_in, + the add for layer_out);
-* ``dequant``:  the dequant recipe above, twice (+ the GeLU / the add likewise).
+* ``dequant``:  the dequant recipe above, twice (+ the GeLU / the add likewise);
+* ``w16`` (with ``--w16``): the fused op with 16-bit weights.
 
 In the table a fused case's N and K are per linear ("7680+10240" and "2560"); in the JSON
 ``N`` and ``K`` are those of the equivalent single GEMM (layer_in: weights stacked along N,
@@ -171,6 +175,7 @@ ALL_SHAPES = SHAPES + FUSED_SHAPES  # the default list; issue 2's bars read SHAP
 IMPLS = ["w8a16", "fp16", "dequant"]
 SPLIT = "w8a16 x2"  # a fused case's two separate W8A16 calls
 FUSED_IMPLS = ["w8a16", SPLIT, "fp16", "dequant"]
+W16 = "w16"  # --w16: the ops with 16-bit weights and unit scales
 FUSED_NOTE = ("fused shapes: layer_in = linear_pair(qkv on x1, mlp_up_gelu on x2, gelu2=True), layer_out = "
               "linear_sum(attn_out on x1 + mlp_down on x2);\n"
               "  w8a16 = the fused op, 'w8a16 x2' = the two separate w8a16 calls (+ the add for layer_out), "
@@ -189,6 +194,8 @@ def call_bytes(impl: str, M: int, N: int, K: int, act_bytes: int = 2) -> int:
     activations = act_bytes * (M * K + M * N) + act_bytes * N  # x, y, bias
     if impl == "fp16":
         return act_bytes * N * K + activations
+    if impl == W16:
+        return act_bytes * N * K + 4 * N + activations
     scales = 4 * N if impl == "w8a16" else act_bytes * N
     return N * K + scales + activations
 
@@ -319,7 +326,8 @@ def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int = 1 << 30) ->
 
 
 def _tensors(impl: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> tuple:
-    """One linear's arguments for ``impl``: (x, w, b) for fp16, (x, q, scales, b) for the others."""
+    """One linear's arguments for ``impl``: (x, w, b) for fp16, (x, w, unit scales, b) for w16,
+    (x, q, scales, b) for the others."""
     from w8a16_ops import quantize_per_channel
 
     x = torch.randn(M, K, dtype=dtype, device=device)                  # [M, K]
@@ -327,6 +335,8 @@ def _tensors(impl: str, M: int, N: int, K: int, dtype: torch.dtype, device: torc
     w = torch.randn(N, K, dtype=dtype, device=device) * K ** -0.5      # [N, K]
     if impl == "fp16":
         return x, w, b
+    if impl == W16:
+        return x, w, torch.ones(N, device=device), b
     q, s = quantize_per_channel(w)                                     # int8 [N, K], fp32 [N]
     del w
     return x, q, s if impl in ("w8a16", SPLIT) else s.to(dtype), b
@@ -334,7 +344,7 @@ def _tensors(impl: str, M: int, N: int, K: int, dtype: torch.dtype, device: torc
 
 def _single_call(impl: str, shape: Shape):
     """``f(tensors)``: one linear of ``shape`` as ``impl`` computes it."""
-    if impl in ("w8a16", SPLIT):
+    if impl in ("w8a16", SPLIT, W16):
         op = torch.ops.w8a16.linear_gelu if shape.gelu else torch.ops.w8a16.linear
         return lambda t: op(*t)
     act = F.gelu if shape.gelu else (lambda y: y)
@@ -354,7 +364,7 @@ def _contender(impl: str, shape: Shape | FusedShape, M: int, dtype: torch.dtype,
     if isinstance(shape, Shape):
         f = _single_call(impl, shape)
         return lambda i: f(sets[i][0])
-    if impl == "w8a16":  # the fused op
+    if impl in ("w8a16", W16):  # the fused op
         if shape.summed:
             return lambda i: torch.ops.w8a16.linear_sum(*sets[i][0], *sets[i][1])
         g1, g2 = shape.first.gelu, shape.second.gelu
@@ -372,7 +382,9 @@ def copies_for(nbytes: int, l2_bytes: int, l2_factor: float, device: torch.devic
 
 
 def run_cases(shapes: list[Shape | FusedShape], ms: list[int], dtype: torch.dtype, device: torch.device, timer: Timer,
-              copy_gb_s: float, l2_bytes: int, l2_factor: float, progress: bool = True) -> list[dict]:
+              copy_gb_s: float, l2_bytes: int, l2_factor: float, progress: bool = True,
+              w16: bool = False) -> list[dict]:
+    """Time every contender of every (shape, M); ``w16`` adds the 16-bit-weight contender."""
     from tqdm.auto import tqdm
 
     act_bytes = torch.finfo(dtype).bits // 8
@@ -380,7 +392,8 @@ def run_cases(shapes: list[Shape | FusedShape], ms: list[int], dtype: torch.dtyp
     cases = [(s, m) for s in shapes for m in ms]
     for shape, M in tqdm(cases, desc="kernels", disable=not progress, leave=False):
         times = {}
-        for impl in shape.impls:
+        impls = shape.impls + ([W16] if w16 else [])
+        for impl in impls:
             nbytes = shape_bytes(shape, impl, M, act_bytes)
             copies = copies_for(nbytes, l2_bytes, l2_factor, device)
             fn = _contender(impl, shape, M, dtype, device, copies)
@@ -394,7 +407,7 @@ def run_cases(shapes: list[Shape | FusedShape], ms: list[int], dtype: torch.dtyp
                              tflops=flops / (us * 1e-6) / 1e12, bytes=nbytes, copies=copies, calls_per_graph=calls))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        for r in rows[-len(shape.impls):]:
+        for r in rows[-len(impls):]:
             r["speedup_vs_fp16"] = times["fp16"] / r["us"]
     return rows
 
@@ -508,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replays", type=int, default=7, help="graph replays per case (median taken)")
     p.add_argument("--l2_factor", type=float, default=4.0, help="working set per contender, in multiples of L2")
     p.add_argument("--device", default=None, help="cuda (default) or cpu (a smoke test: no graphs, no meaning)")
+    p.add_argument("--w16", action="store_true",
+                   help="also time the ops with 16-bit weights (impl 'w16': the FP16 decode path of "
+                        "Decoder(fuse16=True))")
     p.add_argument("--dry_run", action="store_true", help="list the cases and their byte counts, time nothing")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows and the header as JSON")
     p.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
@@ -564,17 +580,18 @@ def main(argv: list[str] | None = None) -> int:
     act_bytes = torch.finfo(dtype).bits // 8
     fused = any(isinstance(s, FusedShape) for s in a.shape_list)
     if a.dry_run:
-        impls = FUSED_IMPLS if fused else IMPLS
+        impls = (FUSED_IMPLS if fused else IMPLS) + ([W16] if a.w16 else [])
         cells = [[s.name, s.op, M, s.N_parts, s.K_parts]
-                 + [shape_bytes(s, i, M, act_bytes) if i in s.impls else "-" for i in impls]
+                 + [shape_bytes(s, i, M, act_bytes) if i in s.impls or i == W16 else "-" for i in impls]
                  for s in a.shape_list for M in a.ms]
         n_fused = len(a.ms) * sum(isinstance(s, FusedShape) for s in a.shape_list)
         n_single = len(cells) - n_fused
-        parts = ([f"{n_single} cases x {len(IMPLS)} contenders"] if n_single else []) + (
-            [f"{n_fused} fused cases x {len(FUSED_IMPLS)} contenders"] if n_fused else [])
+        ni, nf = len(IMPLS) + a.w16, len(FUSED_IMPLS) + a.w16
+        parts = ([f"{n_single} cases x {ni} contenders"] if n_single else []) + (
+            [f"{n_fused} fused cases x {nf} contenders"] if n_fused else [])
         what = " + ".join(parts)
         if n_single and n_fused:
-            what += f" ({n_single * len(IMPLS) + n_fused * len(FUSED_IMPLS)} timings)"
+            what += f" ({n_single * ni + n_fused * nf} timings)"
         print(f"# python -m bench kernels --dry_run: {what}, dtype {a.dtype}")
         print(tabulate(cells, headers=["shape", "op", "M", "N", "K"] + [f"bytes {i}" for i in impls],
                        tablefmt="github"))
@@ -597,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'timing':>18}: median of {a.replays} CUDA-graph replays, working set >= {a.l2_factor:g} x L2 "
           f"({l2 / 2**20:.0f} MB) per contender; dtype {a.dtype}" if device.type == "cuda" else
           f"{'timing':>18}: CPU loop, median of {a.replays}")
-    rows = run_cases(a.shape_list, a.ms, dtype, device, timer, copy_gb_s, l2, a.l2_factor, not a.no_progress)
+    rows = run_cases(a.shape_list, a.ms, dtype, device, timer, copy_gb_s, l2, a.l2_factor, not a.no_progress,
+                     w16=a.w16)
     print(kernel_table(rows))
     if fused:
         print(FUSED_NOTE)

@@ -218,7 +218,7 @@ __device__ __forceinline__ uint4 ldg(const void* p) {
 template <typename T>
 struct GemvSeg {
   const T* x;            // [M, K] contiguous, 16-byte aligned
-  const int8_t* w;       // [N, K] contiguous, 16-byte aligned
+  const int8_t* w;       // [N, K] contiguous, 16-byte aligned: int8, or T when the kernel's WB == 2
   const float* scales;   // [N]
   const T* bias;         // [N] or null
   int K;                 // 0: no such segment (or an empty reduction)
@@ -282,7 +282,7 @@ struct GemvThread {
 // the x fragments, from global memory (XG) or from x staged in shared memory (XS); XNONE: none.
 enum GemvX { XNONE, XG, XS };
 
-template <bool LOAD_W, GemvX X, typename T, int NT, int CT, int UNROLL, int NSEG>
+template <bool LOAD_W, GemvX X, int WB, typename T, int NT, int CT, int UNROLL, int NSEG>
 __device__ __forceinline__ void gemv_load(GemvRegs<T, NT, CT, UNROLL>& r, int c0, int stride,
                                           const GemvThread<T, NT, CT, NSEG>& th, int cend) {
   const uint4 zero = make_uint4(0, 0, 0, 0);
@@ -292,20 +292,21 @@ __device__ __forceinline__ void gemv_load(GemvRegs<T, NT, CT, UNROLL>& r, int c0
     // The chunk's segment; selects, not indexing, keep th in registers.
     const bool s = NSEG == 2 && c >= th.nch0;
     const int K = s ? th.K[NSEG - 1] : th.K[0];
-    const int kb = (c - (s ? th.nch0 : 0)) << 7;
+    constexpr int KC = 128 / WB, LOG_KC = WB == 1 ? 7 : 6;  // k of a chunk: 128 bytes of each weight row
+    const int kb = (c - (s ? th.nch0 : 0)) << LOG_KC;
     if constexpr (LOAD_W && NSEG == 2) {
 #pragma unroll
       for (int q = 0; q < 2 * CT; ++q) r.sc[u][q] = s ? th.sc[1][q] : th.sc[0][q];
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int off = kb + 64 * h + 16 * th.t;
+      const int off = kb + (KC / 2) * h + (KC / 8) * th.t;  // a piece: 16 bytes of weight, 16 / WB k
       const bool ok = c < cend && off < K;  // K % 16 == 0: a piece is all in or all out
       if constexpr (LOAD_W) {
 #pragma unroll
         for (int q = 0; q < 2 * CT; ++q) {
           const int8_t* wq = s ? th.w[NSEG - 1][q] : th.w[0][q];
-          r.w[u][q][h] = (ok && th.v[q]) ? ldg_stream(wq + off) : zero;
+          r.w[u][q][h] = (ok && th.v[q]) ? ldg_stream(wq + off * WB) : zero;
         }
       }
       if constexpr (X != XNONE) {
@@ -313,12 +314,14 @@ __device__ __forceinline__ void gemv_load(GemvRegs<T, NT, CT, UNROLL>& r, int c0
         for (int j = 0; j < NT; ++j) {
           const bool okx = ok && th.xv[j];
           const T* p = (s ? th.xrow[NSEG - 1][j] : th.xrow[0][j]) + off;
-          if constexpr (X == XG) {
-            r.x[u][j][h][0] = okx ? ldg(p) : zero;
-            r.x[u][j][h][1] = okx ? ldg(p + 8) : zero;
-          } else {
-            r.x[u][j][h][0] = okx ? *reinterpret_cast<const uint4*>(p) : zero;
-            r.x[u][j][h][1] = okx ? *reinterpret_cast<const uint4*>(p + 8) : zero;
+          // The piece's 16 / WB k of x: two 16-byte loads (int8 weights), or one.
+#pragma unroll
+          for (int e = 0; e < 2 / WB; ++e) {
+            if constexpr (X == XG) {
+              r.x[u][j][h][e] = okx ? ldg(p + 8 * e) : zero;
+            } else {
+              r.x[u][j][h][e] = okx ? *reinterpret_cast<const uint4*>(p + 8 * e) : zero;
+            }
           }
         }
       }
@@ -339,7 +342,9 @@ __device__ __forceinline__ void for_each_frag(F&& f) {
 
 // NSEG == 1: accumulates into acc (scaled once at the end); NSEG == 2: each chunk's partial
 // sums are scaled by their segment's scales as they are added.
-template <int NSEG, typename T, int NT, int CT, int UNROLL>
+// WB == 2 (16-bit weights): a piece holds 8 k, two k16 steps, and its words are the A fragment
+// as they are (no dequantization); the same logical k order as the int8 pieces' first two steps.
+template <int NSEG, int WB, typename T, int NT, int CT, int UNROLL>
 __device__ __forceinline__ void gemv_math(const GemvRegs<T, NT, CT, UNROLL>& r, float (&acc)[CT][NT][4]) {
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
@@ -349,7 +354,7 @@ __device__ __forceinline__ void gemv_math(const GemvRegs<T, NT, CT, UNROLL>& r, 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
-      for (int s = 0; s < 4; ++s) {
+      for (int s = 0; s < 4 / WB; ++s) {
         uint32_t b[NT][2];
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
@@ -362,8 +367,15 @@ __device__ __forceinline__ void gemv_math(const GemvRegs<T, NT, CT, UNROLL>& r, 
           const uint32_t* r0 = reinterpret_cast<const uint32_t*>(&r.w[u][2 * c][h]);
           const uint32_t* r1 = reinterpret_cast<const uint32_t*>(&r.w[u][2 * c + 1][h]);
           uint32_t a[4];
-          Dequant<T>::run(r0[s], a[0], a[2]);
-          Dequant<T>::run(r1[s], a[1], a[3]);
+          if constexpr (WB == 1) {
+            Dequant<T>::run(r0[s], a[0], a[2]);
+            Dequant<T>::run(r1[s], a[1], a[3]);
+          } else {
+            a[0] = r0[2 * s];
+            a[2] = r0[2 * s + 1];
+            a[1] = r1[2 * s];
+            a[3] = r1[2 * s + 1];
+          }
 #pragma unroll
           for (int j = 0; j < NT; ++j) mma16816<T>(part[c][j], a, b[j]);
         }
@@ -560,7 +572,9 @@ __device__ void gemv_norm_tail(const GemvNorm<T>& nm, const T* y, const float* v
 // KS: blocks per cluster splitting K (1: no cluster; > 1 needs sm_90).
 // NORM (NSEG == 2 only): linear_sum_norm's residual add and norms (gemv_norm_tail); its own
 // instantiations, so that linear_sum's kernels keep their registers and shared memory.
-template <typename T, int NT, int CT, int WARPS, int UNROLL, bool XSMEM, int NSEG, int KS,
+// WB: bytes of a weight element, 1 (int8, dequantized in registers) or 2 (T: 16-bit weights,
+// w8a16.linear's unquantized form). A chunk is 128 bytes of each weight row either way.
+template <typename T, int WB, int NT, int CT, int WARPS, int UNROLL, bool XSMEM, int NSEG, int KS,
           int MINB = gemv_min_blocks<NT, CT, NSEG>() * 8 / WARPS, bool NORM = false>
 __global__ void __launch_bounds__(WARPS * 32, MINB)
     gemv_kernel(const __grid_constant__ GemvParams<T> P) {
@@ -598,7 +612,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
     th.K[s] = sg.K;
 #pragma unroll
     for (int q = 0; q < 2 * CT; ++q) {
-      th.w[s][q] = sg.w + (size_t)(th.v[q] ? n0 + 8 * q + g : 0) * sg.K;
+      th.w[s][q] = sg.w + (size_t)(th.v[q] ? n0 + 8 * q + g : 0) * sg.K * WB;
       if constexpr (NSEG == 2) th.sc[s][q] = (th.v[q] && sg.K) ? sg.scales[n0 + 8 * q + g] : 0.f;
     }
     const T* xb = XSMEM ? xs : sg.x;
@@ -606,9 +620,10 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
     for (int j = 0; j < NT; ++j) th.xrow[s][j] = xb + (size_t)(th.xv[j] ? 8 * j + g : 0) * sg.K;
     xs += (size_t)M * sg.K;
   }
-  th.nch0 = (th.K[0] + 127) >> 7;
+  constexpr int KC = 128 / WB, LOG_KC = WB == 1 ? 7 : 6;  // k of a chunk
+  th.nch0 = (th.K[0] + KC - 1) >> LOG_KC;
   th.nchunks = th.nch0;
-  if constexpr (NSEG == 2) th.nchunks += (th.K[1] + 127) >> 7;
+  if constexpr (NSEG == 2) th.nchunks += (th.K[1] + KC - 1) >> LOG_KC;
 
   float acc[CT][NT][4];
   for_each_frag<CT, NT>([&](int c, int j, int i) { acc[c][j][i] = 0.f; });
@@ -643,21 +658,21 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
     };
     auto run = [&](int cb, int ce) {  // chunks [cb, ce); the first round's weights are loaded
       for (int c0 = cb + vw; c0 < ce; c0 += STRIDE * UNROLL) {
-        if (c0 != cb + vw) gemv_load<true, XNONE>(r, c0, STRIDE, th, ce);
-        gemv_load<false, XS>(r, c0, STRIDE, th, ce);
-        gemv_math<NSEG>(r, acc);
+        if (c0 != cb + vw) gemv_load<true, XNONE, WB>(r, c0, STRIDE, th, ce);
+        gemv_load<false, XS, WB>(r, c0, STRIDE, th, ce);
+        gemv_math<NSEG, WB>(r, acc);
       }
     };
     if constexpr (NSEG == 2) {
-      gemv_load<true, XNONE>(r, th.nch0 + vw, STRIDE, th, th.nchunks);
+      gemv_load<true, XNONE, WB>(r, th.nch0 + vw, STRIDE, th, th.nchunks);
       stage(early ? 1 : 0, 2);
       run(th.nch0, th.nchunks);
       waited();
-      gemv_load<true, XNONE>(r, vw, STRIDE, th, th.nch0);
+      gemv_load<true, XNONE, WB>(r, vw, STRIDE, th, th.nch0);
       if (early) stage(0, 1);
       run(0, th.nch0);
     } else {
-      gemv_load<true, XNONE>(r, vw, STRIDE, th, th.nchunks);  // the first weights, before x is staged
+      gemv_load<true, XNONE, WB>(r, vw, STRIDE, th, th.nchunks);  // the first weights, before x is staged
       waited();
       stage(0, 1);
       run(0, th.nchunks);
@@ -669,8 +684,8 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
     auto run = [&](int cb, int ce) {
       for (int c0 = cb + vw; c0 < ce; c0 += STRIDE * UNROLL) {
         GemvRegs<T, NT, CT, UNROLL> r;
-        gemv_load<true, XG>(r, c0, STRIDE, th, ce);
-        gemv_math<NSEG>(r, acc);
+        gemv_load<true, XG, WB>(r, c0, STRIDE, th, ce);
+        gemv_math<NSEG, WB>(r, acc);
       }
     };
     if constexpr (NSEG == 2) run(th.nch0, th.nchunks);
@@ -988,11 +1003,11 @@ __global__ void __launch_bounds__(256)
 }
 
 
-template <typename T, int NT, int CT, int UNROLL, bool XSMEM, int NSEG, int KS, int WARPS, int MINB = 0,
+template <typename T, int WB, int NT, int CT, int UNROLL, bool XSMEM, int NSEG, int KS, int WARPS, int MINB = 0,
           bool NORM = false>
 cudaError_t launch_gemv_kernel(const GemvParams<T>& p, int tiles, size_t smem, cudaStream_t stream) {
   constexpr int minb = MINB > 0 ? MINB : gemv_min_blocks<NT, CT, NSEG>() * 8 / WARPS;
-  auto kernel = gemv_kernel<T, NT, CT, WARPS, UNROLL, XSMEM, NSEG, KS, minb, NORM>;
+  auto kernel = gemv_kernel<T, WB, NT, CT, WARPS, UNROLL, XSMEM, NSEG, KS, minb, NORM>;
   const size_t bytes = XSMEM ? smem : 0;
   // GEMV_WAIT launches plainly at 9-16 rows in 4-warp blocks: there the programmatic launch made
   // mlp_up M = 16 (320 tiles, 4 blocks per SM) slower on H100, 13.2 -> 13.8-14.4 us.
@@ -1001,12 +1016,17 @@ cudaError_t launch_gemv_kernel(const GemvParams<T>& p, int tiles, size_t smem, c
 }
 
 // One or two segments, or linear_sum_norm (two segments and the norm tail).
-template <typename T, int NT, int CT, int UNROLL, bool XSMEM, int KS, int WARPS>
+// linear_sum_norm takes int8 weights only (its kernels are not built for WB == 2).
+template <typename T, int WB, int NT, int CT, int UNROLL, bool XSMEM, int KS, int WARPS>
 cudaError_t launch_segs(const GemvParams<T>& p, bool two, int tiles, size_t smem, cudaStream_t stream) {
-  if (p.norm.residual)
-    return launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 2, KS, WARPS, 0, true>(p, tiles, smem, stream);
-  return two ? launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 2, KS, WARPS>(p, tiles, smem, stream)
-             : launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, KS, WARPS>(p, tiles, smem, stream);
+  if constexpr (WB == 1) {
+    if (p.norm.residual)
+      return launch_gemv_kernel<T, WB, NT, CT, UNROLL, XSMEM, 2, KS, WARPS, 0, true>(p, tiles, smem, stream);
+  } else {
+    if (p.norm.residual) return cudaErrorInvalidValue;
+  }
+  return two ? launch_gemv_kernel<T, WB, NT, CT, UNROLL, XSMEM, 2, KS, WARPS>(p, tiles, smem, stream)
+             : launch_gemv_kernel<T, WB, NT, CT, UNROLL, XSMEM, 1, KS, WARPS>(p, tiles, smem, stream);
 }
 
 // Warps per block (6, 8 or 10) of a one-segment gemv at <= 8 rows (NT == 1, no cluster). Each
@@ -1060,21 +1080,21 @@ int gemv_warps_small_m(int tiles, int chunks, size_t xsmem, const DeviceFacts& d
 // H100: mlp_up M = 1 14.1 -> 12.8 us (640 tiles, 528 slots of 8 warps; 11.0 with 6 warps),
 // M = 16 16.1 -> 13.5 us, LM head M = 16 53.6 -> 50.3 us; with 4 warps everywhere, qkv M = 16
 // (240 tiles) took 11.8 instead of 10.3 us, the LM head at M = 8 60.7 instead of 52.1 us.
-template <typename T, int NT, int CT, int UNROLL, bool XSMEM = false>
+template <typename T, int WB, int NT, int CT, int UNROLL, bool XSMEM = false>
 cudaError_t launch_gemv(const GemvParams<T>& p, int tiles, int ks, int chunks, size_t smem, cudaStream_t stream,
                         const DeviceFacts& dev) {
   const bool two = p.prob[0].seg[1].K > 0 || p.prob[1].seg[1].K > 0 || p.norm.residual != nullptr;
   if constexpr (NT == 1) {
     if (!two && ks == 1) {
       switch (gemv_warps_small_m<CT, NT, UNROLL>(tiles, chunks, XSMEM ? smem : 0, dev)) {
-        case 6: return launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 1, 6>(p, tiles, smem, stream);
-        case 10: return launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 1, 10>(p, tiles, smem, stream);
-        default: return launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 1, 8>(p, tiles, smem, stream);
+        case 6: return launch_gemv_kernel<T, WB, NT, CT, UNROLL, XSMEM, 1, 1, 6>(p, tiles, smem, stream);
+        case 10: return launch_gemv_kernel<T, WB, NT, CT, UNROLL, XSMEM, 1, 1, 10>(p, tiles, smem, stream);
+        default: return launch_gemv_kernel<T, WB, NT, CT, UNROLL, XSMEM, 1, 1, 8>(p, tiles, smem, stream);
       }
     }
   }
   if constexpr (NT == 2 && CT == 2 && !XSMEM) {
-    if (ks == 2) return launch_segs<T, NT, CT, UNROLL, XSMEM, 2, 8>(p, two, tiles, smem, stream);
+    if (ks == 2) return launch_segs<T, WB, NT, CT, UNROLL, XSMEM, 2, 8>(p, two, tiles, smem, stream);
     // 9-16 rows, one segment (linear_pair's QKV + MLP-up at M = 16: 560 tiles, 1.06 waves of
     // 4-warp blocks at 4 per SM): capping registers at 96 fits 5 blocks per SM (4 bytes of spill
     // on sm_90), one wave. H100, M = 16: layer_in 24.2 -> 20.8 us, decode step at batch 16
@@ -1082,7 +1102,7 @@ cudaError_t launch_gemv(const GemvParams<T>& p, int tiles, int ks, int chunks, s
     // went 50.0 -> 53.7 us, and linear_sum (two segments, more spill) was slower in every
     // cluster / warp / cap combination tried.
     if (ks == 1 && !two && tiles > 4 * dev.sms && tiles <= 5 * dev.sms)
-      return launch_gemv_kernel<T, NT, CT, UNROLL, XSMEM, 1, 1, 4, 5>(p, tiles, smem, stream);
+      return launch_gemv_kernel<T, WB, NT, CT, UNROLL, XSMEM, 1, 1, 4, 5>(p, tiles, smem, stream);
   }
   if constexpr (NT <= 2) {
     const int per_sm8 = two ? gemv_min_blocks<NT, CT, 2>() : gemv_min_blocks<NT, CT, 1>();
@@ -1090,9 +1110,9 @@ cudaError_t launch_gemv(const GemvParams<T>& p, int tiles, int ks, int chunks, s
     constexpr size_t red4 = gemv_red_bytes(4, CT, NT);  // the 4-warp reduction buffer
     const bool room = !XSMEM || 2 * per_sm8 * ((XSMEM ? smem : 0) + red4 + 1024) <= 228 * 1024;
     if (ks == 1 && room && tiles > slots8 && (NT == 2 || tiles <= 2 * slots8))
-      return launch_segs<T, NT, CT, UNROLL, XSMEM, 1, 4>(p, two, tiles, smem, stream);
+      return launch_segs<T, WB, NT, CT, UNROLL, XSMEM, 1, 4>(p, two, tiles, smem, stream);
   }
-  return launch_segs<T, NT, CT, UNROLL, XSMEM, 1, 8>(p, two, tiles, smem, stream);
+  return launch_segs<T, WB, NT, CT, UNROLL, XSMEM, 1, 8>(p, two, tiles, smem, stream);
 }
 
 // Cluster size at 9-16 rows: two blocks split K when the channel tiles alone would leave SMs
@@ -1104,7 +1124,8 @@ int gemv_splits(int M, int tiles, int chunks, const DeviceFacts& d) {
 }
 
 // M <= 32: one gemv launch over the problems in p (prob[*].N set, tiles0 filled in here).
-template <typename T>
+// WB: bytes of a weight element (1: int8, 2: 16-bit weights of type T).
+template <typename T, int WB>
 cudaError_t launch_gemv_params(GemvParams<T>& p, int nprob, cudaStream_t stream) {
   const int M = p.M;
   const DeviceFacts dev = device_facts();
@@ -1118,7 +1139,8 @@ cudaError_t launch_gemv_params(GemvParams<T>& p, int nprob, cudaStream_t stream)
     if (i == 0) p.tiles0 = t;
     tiles += t;
     const int K = p.prob[i].seg[0].K + p.prob[i].seg[1].K;
-    const int c = (p.prob[i].seg[0].K + 127) / 128 + (p.prob[i].seg[1].K + 127) / 128;
+    constexpr int KC = 128 / WB;  // k of a chunk (gemv_kernel)
+    const int c = (p.prob[i].seg[0].K + KC - 1) / KC + (p.prob[i].seg[1].K + KC - 1) / KC;
     chunks = std::min(chunks, c);
     max_chunks = std::max(max_chunks, c);
     xbytes = std::max(xbytes, (size_t)M * K * sizeof(T));
@@ -1142,13 +1164,13 @@ cudaError_t launch_gemv_params(GemvParams<T>& p, int nprob, cudaStream_t stream)
   // x of 44-48 KB, e.g. M = 3 at K = 8192, failed to launch.)
   const size_t xmax = p.norm.residual ? 40 * 1024 : 44 * 1024;
   if (M <= 8 && xbytes <= xmax && tiles > 2 * dev.sms)
-    e = launch_gemv<T, 1, 1, 2, true>(p, tiles, ks, max_chunks, xbytes, stream, dev);
+    e = launch_gemv<T, WB, 1, 1, 2, true>(p, tiles, ks, max_chunks, xbytes, stream, dev);
   else if (M <= 8)
-    e = launch_gemv<T, 1, 1, 2>(p, tiles, ks, max_chunks, 0, stream, dev);
+    e = launch_gemv<T, WB, 1, 1, 2>(p, tiles, ks, max_chunks, 0, stream, dev);
   else if (M <= 16)
-    e = launch_gemv<T, 2, 2, 1>(p, tiles, ks, max_chunks, 0, stream, dev);
+    e = launch_gemv<T, WB, 2, 2, 1>(p, tiles, ks, max_chunks, 0, stream, dev);
   else
-    e = launch_gemv<T, 4, 1, 1>(p, tiles, ks, max_chunks, 0, stream, dev);
+    e = launch_gemv<T, WB, 4, 1, 1>(p, tiles, ks, max_chunks, 0, stream, dev);
   return e != cudaSuccess ? e : cudaGetLastError();
 }
 
@@ -1228,7 +1250,7 @@ cudaError_t launch_gemm(const void* x, const int8_t* w, const float* scales, con
 
 template <typename T, bool GELU>
 cudaError_t launch(const void* x, const int8_t* w, const float* scales, const void* bias, void* y, int M, int N,
-                   int K, int splits, float* workspace, cudaStream_t stream) {
+                   int K, int splits, float* workspace, int wbytes, cudaStream_t stream) {
   if (M <= 32) {
     GemvParams<T> p{};
     p.M = M;
@@ -1236,8 +1258,9 @@ cudaError_t launch(const void* x, const int8_t* w, const float* scales, const vo
     p.prob[0].y = static_cast<T*>(y);
     p.prob[0].N = N;
     p.prob[0].gelu = GELU;
-    return launch_gemv_params(p, 1, stream);
+    return wbytes == 2 ? launch_gemv_params<T, 2>(p, 1, stream) : launch_gemv_params<T, 1>(p, 1, stream);
   }
+  if (wbytes != 1) return cudaErrorInvalidValue;  // the gemm is int8 only
   const KSplit ks((K + BK - 1) / BK, workspace ? splits : 1);
   const int used = ks.used;
   // Unsplit launches take 64-wide k-tiles where two blocks of them (96 KB each) fit on an SM
@@ -1286,7 +1309,7 @@ cudaError_t launch2(const W8A16Linear2& a, int M, cudaStream_t stream) {
     p.prob[i].N = a.N[i];
     p.prob[i].gelu = a.gelu[i];
   }
-  return launch_gemv_params(p, nprob, stream);
+  return a.wbytes == 2 ? launch_gemv_params<T, 2>(p, nprob, stream) : launch_gemv_params<T, 1>(p, nprob, stream);
 }
 
 }  // namespace
@@ -1296,18 +1319,21 @@ int w8a16_linear_splits(int M, int N, int K, int requested) {
   return KSplit((K + BK - 1) / BK, requested > 0 ? requested : gemm_splits(M, N, K, device_facts())).used;
 }
 
-cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, const void* bias, void* y,
+cudaError_t w8a16_linear(const void* x, const void* w, const float* scales, const void* bias, void* y,
                          int M, int N, int K, int dtype_code, bool gelu, int splits, float* workspace,
-                         cudaStream_t stream) {
+                         int wbytes, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
+  if (wbytes != 1 && wbytes != 2) return cudaErrorInvalidValue;
+  const int8_t* wb = static_cast<const int8_t*>(w);
   if (dtype_code == 0)
-    return gelu ? launch<__half, true>(x, w, scales, bias, y, M, N, K, splits, workspace, stream)
-                : launch<__half, false>(x, w, scales, bias, y, M, N, K, splits, workspace, stream);
-  return gelu ? launch<__nv_bfloat16, true>(x, w, scales, bias, y, M, N, K, splits, workspace, stream)
-              : launch<__nv_bfloat16, false>(x, w, scales, bias, y, M, N, K, splits, workspace, stream);
+    return gelu ? launch<__half, true>(x, wb, scales, bias, y, M, N, K, splits, workspace, wbytes, stream)
+                : launch<__half, false>(x, wb, scales, bias, y, M, N, K, splits, workspace, wbytes, stream);
+  return gelu ? launch<__nv_bfloat16, true>(x, wb, scales, bias, y, M, N, K, splits, workspace, wbytes, stream)
+              : launch<__nv_bfloat16, false>(x, wb, scales, bias, y, M, N, K, splits, workspace, wbytes, stream);
 }
 
 cudaError_t w8a16_linear2(const W8A16Linear2& args, int M, int dtype_code, cudaStream_t stream) {
   if (M <= 0 || M > 32) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  if ((args.wbytes != 1 && args.wbytes != 2) || (args.wbytes == 2 && args.norm_y[0])) return cudaErrorInvalidValue;
   return dtype_code == 0 ? launch2<__half>(args, M, stream) : launch2<__nv_bfloat16>(args, M, stream);
 }

@@ -7,15 +7,17 @@
 // dtype_code: 0 = float16, 1 = bfloat16. Shapes: x [M, K], w [N, K], scales [N] fp32, bias [N]
 // (may be null), y [M, N]; all contiguous and 16-byte aligned; K % 16 == 0.
 // y = act((x @ w^T) * scales + bias), fp32 accumulation.
+// wbytes: 1 when w is int8, 2 when w is 16-bit of x's type (unquantized weights; M <= 32 only,
+// the gemv: the caller runs larger M another way).
 // M > 32 runs a tiled GEMM that may split K over `splits` blocks per output tile, each writing
 // fp32 partial sums to `workspace` (float [splits, M, N]), summed in split order by a second
 // kernel that applies the epilogue (deterministic). w8a16_linear_splits gives the split count
 // for a shape on the current device, as launched (1: no workspace needed); requested > 0
 // overrides the built-in choice (tuning; at most one split per 32 k). M <= 32 ignores both.
 int w8a16_linear_splits(int M, int N, int K, int requested);
-cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, const void* bias, void* y,
+cudaError_t w8a16_linear(const void* x, const void* w, const float* scales, const void* bias, void* y,
                          int M, int N, int K, int dtype_code, bool gelu, int splits, float* workspace,
-                         cudaStream_t stream);
+                         int wbytes, cudaStream_t stream);
 
 // Two linears in one gemv launch (M <= 32 rows, the same M for both; same layout rules):
 //  * sum == false (w8a16.linear_pair): y[i] = act_i((x[i] @ w[i]^T) * scales[i] + bias[i]), i = 0, 1;
@@ -24,7 +26,7 @@ cudaError_t w8a16_linear(const void* x, const int8_t* w, const float* scales, co
 //    summed in fp32 and rounded once; gelu and y[1] are ignored.
 struct W8A16Linear2 {
   const void* x[2] = {nullptr, nullptr};
-  const int8_t* w[2] = {nullptr, nullptr};
+  const int8_t* w[2] = {nullptr, nullptr};  // int8, or (wbytes == 2) 16-bit of x's type, both alike
   const float* scales[2] = {nullptr, nullptr};
   const void* bias[2] = {nullptr, nullptr};
   void* y[2] = {nullptr, nullptr};
@@ -48,5 +50,7 @@ struct W8A16Linear2 {
   // kernel launched just before this one (true of model weights, and of linear_sum's MLP input
   // in a decoder layer, where the attention runs in between).
   bool overlap = false;
+  // Bytes of a weight element: 1 (int8) or 2 (16-bit weights, not with linear_sum_norm).
+  int wbytes = 1;
 };
 cudaError_t w8a16_linear2(const W8A16Linear2& args, int M, int dtype_code, cudaStream_t stream);

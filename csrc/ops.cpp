@@ -42,10 +42,29 @@ int requested_gemm_splits() {
   return (int)s;
 }
 
+// 1: int8 weights; 2: 16-bit weights of x's dtype (w8a16.linear's unquantized form).
+int weight_bytes(const at::Tensor& x, const at::Tensor& w) {
+  if (w.scalar_type() == at::kChar) return 1;
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "w8a16_cuda: internal op called with unchecked weight dtype");
+  return 2;
+}
+
+// 16-bit weights above 32 rows (prefill): torch's matmul, then the epilogue in fp32. The gemv is
+// ours at every M <= 32; the tiled GEMM is built for int8 weights only.
+at::Tensor linear16_large(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                          const at::Tensor& bias, bool gelu, at::Tensor& y) {
+  at::Tensor acc = at::matmul(x.reshape({-1, w.size(1)}), w.t()).to(at::kFloat).mul_(scales);
+  if (bias.defined()) acc.add_(bias.to(at::kFloat));
+  if (gelu) acc = at::gelu(acc);
+  y.view({-1, w.size(0)}).copy_(acc);
+  return y;
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                   const c10::optional<at::Tensor>& bias, bool gelu) {
-  TORCH_CHECK(x.is_cuda() && weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
+  TORCH_CHECK(x.is_cuda() && weight.dim() == 2 && weight.is_contiguous(),
               "w8a16_cuda.linear: internal op called with unchecked arguments");
+  const int wbytes = weight_bytes(x, weight);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(K % 16 == 0 && N <= INT32_MAX && K <= INT32_MAX, "w8a16_cuda.linear: bad sizes");
@@ -69,15 +88,16 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   const int64_t M = xc.numel() / K;
   TORCH_CHECK(M <= INT32_MAX, "w8a16_cuda.linear: too many rows");
   if (M == 0 || N == 0) return y;
+  if (wbytes == 2 && M > 32) return linear16_large(xc, wc, sc, bc, gelu, y);
   // Split-K workspace of the M > 32 GEMM, from the caching allocator (capturable). The gemv
   // (M <= 32, decoding) never splits: no environment lookup on that path.
   const int splits = M > 32 ? w8a16_linear_splits((int)M, (int)N, (int)K, requested_gemm_splits()) : 1;
   at::Tensor ws;
   if (splits > 1) ws = at::empty({(int64_t)splits * M * N}, x.options().dtype(at::kFloat));
-  const cudaError_t err = w8a16_linear(xc.data_ptr(), wc.data_ptr<int8_t>(), sc.data_ptr<float>(),
+  const cudaError_t err = w8a16_linear(xc.data_ptr(), wc.data_ptr(), sc.data_ptr<float>(),
                                        bc.defined() ? bc.data_ptr() : nullptr, y.data_ptr(), (int)M, (int)N, (int)K,
                                        dtype_code(x.scalar_type()), gelu, splits,
-                                       ws.defined() ? ws.data_ptr<float>() : nullptr,
+                                       ws.defined() ? ws.data_ptr<float>() : nullptr, wbytes,
                                        c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "w8a16.linear: kernel launch failed: ", cudaGetErrorString(err));
   return y;
@@ -95,7 +115,7 @@ struct Linear2Inputs {
     if (b2.has_value()) b[1] = b2->contiguous();
     for (int i = 0; i < 2; ++i) {
       args.x[i] = x[i].data_ptr();
-      args.w[i] = w[i].data_ptr<int8_t>();
+      args.w[i] = static_cast<const int8_t*>(w[i].data_ptr());
       args.scales[i] = s[i].data_ptr<float>();
       args.bias[i] = b[i].defined() ? b[i].data_ptr() : nullptr;
       args.N[i] = (int)w[i].size(0);
@@ -117,7 +137,7 @@ std::vector<at::Tensor> linear2(const at::Tensor& x1, const at::Tensor& w1, cons
   TORCH_CHECK(x1.is_cuda() && x2.is_cuda() && w1.dim() == 2 && w2.dim() == 2 && w1.is_contiguous() &&
                   w2.is_contiguous() && x1.scalar_type() == x2.scalar_type() &&
                   x1.sizes().slice(0, x1.dim() - 1) == x2.sizes().slice(0, x2.dim() - 1) &&
-                  (!sum || w1.size(0) == w2.size(0)),
+                  (!sum || w1.size(0) == w2.size(0)) && w1.scalar_type() == w2.scalar_type(),
               "w8a16_cuda.linear2: internal op called with unchecked arguments");
   const c10::cuda::CUDAGuard guard(x1.device());
   const int64_t K1 = w1.size(1), K2 = w2.size(1);
@@ -132,6 +152,7 @@ std::vector<at::Tensor> linear2(const at::Tensor& x1, const at::Tensor& w1, cons
                   w2.size(0) <= INT32_MAX,
               "w8a16_cuda.linear2: bad sizes");
   W8A16Linear2 args;
+  args.wbytes = weight_bytes(x1, w1);
   const Linear2Inputs in(x1, w1, s1, b1, x2, w2, s2, b2, args);
   std::vector<at::Tensor> out;
   for (int i = 0; i < 2; ++i) {
@@ -170,7 +191,7 @@ std::vector<at::Tensor> linear_sum_norm(const at::Tensor& x1, const at::Tensor& 
                   w2.size(0) == N && K1 % 16 == 0 && K2 % 16 == 0 && K1 + K2 > 0 && residual.size(-1) == N &&
                   workspace.scalar_type() == at::kInt && workspace.is_contiguous() &&
                   workspace.numel() >= 4 + 64 * ((N + 15) / 16) && N <= INT32_MAX && K1 <= INT32_MAX &&
-                  K2 <= INT32_MAX,
+                  K2 <= INT32_MAX && w1.scalar_type() == at::kChar && w2.scalar_type() == at::kChar,
               "w8a16_cuda.linear_sum_norm: internal op called with unchecked arguments");
   const c10::cuda::CUDAGuard guard(x1.device());
   const int64_t M = K1 > 0 ? x1.numel() / K1 : x2.numel() / K2;

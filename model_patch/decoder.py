@@ -72,6 +72,25 @@ def _fusable(layer: nn.Module) -> bool:
             and isinstance(attn.query_key_value, W8A16Linear) and isinstance(attn.dense, W8A16Linear))
 
 
+def _linear16(m: nn.Module, dtype: torch.dtype) -> bool:
+    """A plain ``nn.Linear`` with 16-bit weights in the model's dtype (float32 too on CPU, where the ops
+    run their reference), whose K the CUDA gemv takes (a multiple of 16)."""
+    return (type(m) is nn.Linear and m.weight.dtype == dtype and m.weight.is_contiguous()
+            and (dtype in (torch.float16, torch.bfloat16) or m.weight.device.type == "cpu")
+            and m.in_features % 16 == 0)
+
+
+def _fusable16(layer: nn.Module, config, dtype: torch.dtype) -> bool:
+    """A parallel-residual layer with the four linears unquantized (``nn.Linear`` in the model's dtype)
+    and the exact GeLU, which ``linear_pair``'s epilogue computes (``Decoder(fuse16=True)``)."""
+    from .quant import EXACT_GELU
+
+    attn, mlp = layer.attention, layer.mlp
+    return (bool(getattr(layer, "use_parallel_residual", False)) and getattr(config, "hidden_act", None) in EXACT_GELU
+            and all(_linear16(getattr(mod, name, None), dtype) for mod, name in (
+                (attn, "query_key_value"), (attn, "dense"), (mlp, "dense_h_to_4h"), (mlp, "dense_4h_to_h"))))
+
+
 def _register_inductor_fallbacks() -> None:
     """Register inductor's fallback lowering for the w8a16 ops up front.
 
@@ -147,6 +166,12 @@ class Decoder:
             (the final norm after the last layer stays a torch op). Norms in fp32 from the
             rounded residual sum, like torch's; the rounding of their outputs may differ from
             inductor's by one unit in the last place.
+        fuse16: the same two-op layers for an unquantized (FP16 / BF16) model, with the ops' 16-bit
+            weights (unit scales), in decode steps only (prefill keeps the ``nn.Linear`` modules), and
+            the LM head as ``w8a16.linear`` in decode steps too. None (default): on CUDA when
+            ``batch_size <= 8``, where the gemv streams 16-bit weights faster than cuBLAS's GEMV and
+            the launches overlap (H100, Pythia-2.8B shapes, docs/results.md); at 9-16 rows it does
+            not, so larger batches keep cuBLAS.
         overlap: in decode steps, launch the fused linears, ``add_norm_pair`` and the cache op
             with programmatic dependent launch (``overlap=True`` of ``w8a16.linear_pair``,
             ``linear_sum``, ``add_norm_pair`` and the ``cache_attention`` ops; CUDA sm_90+,
@@ -158,7 +183,8 @@ class Decoder:
 
     Attributes: ``model``, ``cache`` (the ``KVCache``), ``policy`` (the ``PolicySpec``),
     ``batch_size``, ``max_len``, ``dtype``, ``device``, ``compiled``, ``fused_layers``
-    (how many layers run the fused linears).
+    (how many layers run the fused linears: W8A16 layers, or with ``fuse16`` 16-bit ones),
+    ``fused16`` (whether the 16-bit layers and LM head run through the ops in decode steps).
 
     The model must not be modified (weights swapped, re-quantized, moved) once a decoder
     is built on it: the compiled step skips the guards that would notice. Build a new
@@ -167,7 +193,7 @@ class Decoder:
 
     def __init__(self, model: nn.Module, *, batch_size: int, max_len: int, kv: str | PolicySpec = "full",
                  compile: bool | None = None, fuse: bool = True, fuse_norm: bool = False, add_norm: bool = True,
-                 overlap: bool = True):
+                 overlap: bool = True, fuse16: bool | None = None):
         from .quant import check_gpt_neox_model
 
         check_gpt_neox_model("Decoder", model)
@@ -202,11 +228,22 @@ class Decoder:
         self._prompt_limit = prompt_limit(self.cache)
         self._rope_scaling = float(getattr(self.neox.rotary_emb, "attention_scaling", 1.0))
         self._fused = [bool(fuse) and _fusable(layer) for layer in self.neox.layers]
+        # 16-bit layers through the same ops (fuse16), decode steps only; their unit scales.
+        self.fused16 = (self.device.type == "cuda" and batch_size <= 8) if fuse16 is None else bool(fuse16)
+        self._ones: dict[int, torch.Tensor] = {}
+        self._is16 = [bool(fuse) and self.fused16 and not f and _fusable16(layer, config, self.dtype)
+                      for f, layer in zip(self._fused, self.neox.layers)]
+        self._fused = [a or b for a, b in zip(self._fused, self._is16)]
+        self._lin = [self._layer_linears(layer) if f else None for f, layer in zip(self._fused, self.neox.layers)]
+        self._lm16 = None  # (weight, unit scales, bias) of a 16-bit LM head run as w8a16.linear
+        if self.fused16 and _linear16(self.lm_head, self.dtype):
+            self._lm16 = (self.lm_head.weight, self._unit_scales(self.lm_head.out_features), self.lm_head.bias)
         self.fused_layers = sum(self._fused)
-        # Decode steps fold the residual and the next norms into linear_sum (linear_sum_norm), or
-        # run them as their own op (add_norm_pair): every layer fused, every norm a plain LayerNorm.
+        # Decode steps fold the residual and the next norms into linear_sum (linear_sum_norm, int8
+        # weights only), or run them as their own op (add_norm_pair): every layer fused, every norm a
+        # plain LayerNorm.
         chainable = self.fused_layers == len(self._fused) > 0 and _norms_fusable(self.neox)
-        self._norm_fused = bool(fuse_norm) and chainable
+        self._norm_fused = bool(fuse_norm) and chainable and not any(self._is16)
         self._add_norm = bool(add_norm) and chainable and not self._norm_fused
         if self._norm_fused:
             import w8a16_ops
@@ -248,6 +285,23 @@ class Decoder:
         self._pos = 0  # tokens consumed per row, tracked on the host
         self._started = False
 
+    def _unit_scales(self, n: int) -> torch.Tensor:
+        """fp32 ones [n]: the per-channel scales of 16-bit weights (one tensor per n, at a fixed address)."""
+        if n not in self._ones:
+            self._ones[n] = torch.ones(n, dtype=torch.float32, device=self.device)
+            torch._dynamo.mark_static_address(self._ones[n])
+        return self._ones[n]
+
+    def _layer_linears(self, layer: nn.Module) -> tuple:
+        """(weight, scales, bias) of a fused layer's query_key_value, dense_h_to_4h, dense and
+        dense_4h_to_h, in that order: W8A16 ones as stored, 16-bit ones with unit scales."""
+        attn, mlp = layer.attention, layer.mlp
+        out = []
+        for m in (attn.query_key_value, mlp.dense_h_to_4h, attn.dense, mlp.dense_4h_to_h):
+            scales = m.scales if m.weight.dtype == torch.int8 else self._unit_scales(m.out_features)
+            out.append((m.weight, scales, m.bias))
+        return tuple(out)
+
     def _forward(self, input_ids: torch.Tensor, prefill: bool) -> torch.Tensor:
         """input_ids [B, T] long -> final hidden states [B, T, hidden]. Advances the cache by T."""
         T = input_ids.shape[1]
@@ -260,7 +314,7 @@ class Decoder:
         if (self._norm_fused or self._add_norm) and not prefill:
             return self._forward_norm_chain(x, cos, sin, T)
         for i, layer in enumerate(self.neox.layers):
-            if self._fused[i]:
+            if self._fused[i] and not (prefill and self._is16[i]):  # 16-bit prefill: nn.Linear (cuBLAS)
                 x = self._fused_layer(layer, i, x, cos, sin, prefill)
                 continue
             attn = policy_attention(layer.attention, layer.input_layernorm(x), cos, sin, self.cache, i, prefill)
@@ -278,25 +332,21 @@ class Decoder:
         """x + attn(ln1(x)) + mlp(ln2(x)) of a W8A16 parallel-residual layer, in two linear ops."""
         ctx, h = self._pair_and_attention(layer, i, layer.input_layernorm(x), layer.post_attention_layernorm(x),
                                           cos, sin, prefill)
-        return self._output_projections(layer, ctx, h, prefill) + x
+        return self._output_projections(i, ctx, h, prefill) + x
 
-    def _output_projections(self, layer: nn.Module, ctx: torch.Tensor, h: torch.Tensor,
-                            prefill: bool) -> torch.Tensor:
-        """``linear_sum``: the attention dense on ctx plus the MLP down projection on h."""
-        dense, down = layer.attention.dense, layer.mlp.dense_4h_to_h
+    def _output_projections(self, i: int, ctx: torch.Tensor, h: torch.Tensor, prefill: bool) -> torch.Tensor:
+        """``linear_sum``: layer i's attention dense on ctx plus its MLP down projection on h."""
+        dense, down = self._lin[i][2], self._lin[i][3]
         # overlap: h (x2) comes from linear_pair, before the attention kernel that runs just
         # before this one, so it may be read early (w8a16_ops linear_sum).
-        return torch.ops.w8a16.linear_sum(ctx, dense.weight, dense.scales, dense.bias,
-                                          h, down.weight, down.scales, down.bias,
-                                          overlap=self.cache.overlap and not prefill)
+        return torch.ops.w8a16.linear_sum(ctx, *dense, h, *down, overlap=self.cache.overlap and not prefill)
 
     def _pair_and_attention(self, layer: nn.Module, i: int, n1: torch.Tensor, n2: torch.Tensor, cos: torch.Tensor,
                             sin: torch.Tensor, prefill: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """A fused layer up to its output projections: ``linear_pair`` (QKV on n1, MLP-up + GeLU on
         n2) and the attention through the cache policy. Returns (attention context, MLP hidden)."""
-        qkv_m, up = layer.attention.query_key_value, layer.mlp.dense_h_to_4h
-        qkv, h = torch.ops.w8a16.linear_pair(n1, qkv_m.weight, qkv_m.scales, qkv_m.bias,
-                                              n2, up.weight, up.scales, up.bias, gelu2=True,
+        qkv_m, up = self._lin[i][0], self._lin[i][1]
+        qkv, h = torch.ops.w8a16.linear_pair(n1, *qkv_m, n2, *up, gelu2=True,
                                               overlap=self.cache.overlap and not prefill)
         return policy_attention_core(layer.attention, qkv, cos, sin, self.cache, i, prefill), h  # ctx [B, T, hidden]
 
@@ -317,11 +367,11 @@ class Decoder:
                     x, a.weight, a.bias, b.weight, b.bias, a.eps, self._norm_ws)
             elif i + 1 < len(layers):
                 # overlap: the norm weights are parameters, never written by linear_sum.
-                x, n1, n2 = torch.ops.w8a16.add_norm_pair(self._output_projections(layer, ctx, h, False), x,
+                x, n1, n2 = torch.ops.w8a16.add_norm_pair(self._output_projections(i, ctx, h, False), x,
                                                           a.weight, a.bias, b.weight, b.bias, a.eps,
                                                           overlap=self.cache.overlap)
             else:
-                x = self._output_projections(layer, ctx, h, False) + x
+                x = self._output_projections(i, ctx, h, False) + x
                 n1 = self.neox.final_layer_norm(x)
         self.cache.advance(T)
         return n1
@@ -329,7 +379,10 @@ class Decoder:
     def _step_eager(self, tokens: torch.Tensor, targets: torch.Tensor | None):
         # The decode step. Compiled as one graph (a private copy of this code, see __init__).
         h = self._forward(tokens[:, None], prefill=False)  # [B, 1, hidden]
-        logits = self.lm_head(h[:, 0]).float()  # [B, V]
+        if self._lm16 is not None:
+            logits = torch.ops.w8a16.linear(h[:, 0], *self._lm16).float()  # [B, V]
+        else:
+            logits = self.lm_head(h[:, 0]).float()  # [B, V]
         next_tokens = logits.argmax(dim=-1)
         if targets is None:
             return next_tokens, None
@@ -513,5 +566,5 @@ class Decoder:
     def __repr__(self) -> str:
         return (f"Decoder(policy={self.policy}, batch_size={self.batch_size}, max_len={self.max_len}, "
                 f"dtype={self.dtype}, device={self.device}, compiled={self.compiled}, "
-                f"fused_layers={self.fused_layers}/{len(self._fused)}, "
+                f"fused_layers={self.fused_layers}/{len(self._fused)}, fused16={self.fused16}, "
                 f"cache={self.memory_bytes() / 2**20:.1f} MiB)")

@@ -61,6 +61,9 @@ def check_linear(op: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.T
                  bias: torch.Tensor | None, suffix: str = "") -> None:
     """Validate the arguments of w8a16.linear / w8a16.linear_gelu.
 
+    ``weight`` is int8, or 16-bit weights in x's own dtype (float16 / bfloat16; float32 too on
+    CPU): the unquantized form, which runs the same gemv on CUDA up to 32 rows.
+
     ``suffix`` is appended to the argument names in the messages ("x1", "weight1", ...)
     when one op takes several linears (linear_pair, linear_sum).
     """
@@ -71,8 +74,8 @@ def check_linear(op: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.T
         _fail(op, f"{nx} must be {allowed_txt}, got {dtype_name(x.dtype)}")
     if x.dim() < 1:
         _fail(op, f"{nx} must have shape [..., K], got a 0-d tensor")
-    if weight.dtype != torch.int8 or weight.dim() != 2:
-        _fail(op, f"{nw} must be int8 of shape [N, K], got {_desc(weight)}")
+    if weight.dtype not in (torch.int8, x.dtype) or weight.dim() != 2:
+        _fail(op, f"{nw} must be int8 (or {nx}'s dtype, {dtype_name(x.dtype)}) of shape [N, K], got {_desc(weight)}")
     if not weight.is_contiguous():
         _fail(op, f"{nw} must be contiguous (row-major [N, K]), got strides {list(weight.stride())}")
     N, K = weight.shape
@@ -100,6 +103,9 @@ def check_linear2(op: str, x1: torch.Tensor, weight1: torch.Tensor, scales1: tor
         _fail(op, f"x1 and x2 must have the same dtype, got {dtype_name(x1.dtype)} and {dtype_name(x2.dtype)}")
     check_linear(op, x1, weight1, scales1, bias1, suffix="1")
     check_linear(op, x2, weight2, scales2, bias2, suffix="2")
+    if weight1.dtype != weight2.dtype:  # one kernel: both int8 or both 16-bit
+        _fail(op, f"weight1 and weight2 must have the same dtype, got {dtype_name(weight1.dtype)} and "
+                  f"{dtype_name(weight2.dtype)}")
     if x1.shape[:-1] != x2.shape[:-1]:
         _fail(op, f"x1 and x2 must have the same leading dims [...], got {list(x1.shape)} and {list(x2.shape)}")
     if same_n and weight1.shape[0] != weight2.shape[0]:
@@ -140,6 +146,9 @@ def check_linear_sum_norm(op: str, x1: torch.Tensor, weight1: torch.Tensor, scal
                         ("x2", x2), ("weight2", weight2), ("scales2", scales2), ("bias2", bias2),
                         ("residual", residual), *norms, ("workspace", workspace)])
     check_linear2(op, x1, weight1, scales1, bias1, x2, weight2, scales2, bias2, same_n=True)
+    if weight1.dtype != torch.int8:
+        _fail(op, f"weight1 and weight2 must be int8 (16-bit weights are not supported by this op), got "
+                  f"{dtype_name(weight1.dtype)}")
     N, dt = weight1.shape[0], dtype_name(x1.dtype)
     out = [*x1.shape[:-1], N]
     if residual.dtype != x1.dtype or list(residual.shape) != out:

@@ -292,6 +292,41 @@ def test_cpu_run_times_the_fused_shapes(tmp_path, monkeypatch):
     assert "layer_out's y counted once" in text
 
 
+def test_cpu_w16_contender(tmp_path, monkeypatch):
+    # --w16 adds the ops with 16-bit weights after the usual contenders, single and fused shapes alike,
+    # counted with 2-byte weights and fp32 scales; without the flag the rows are as before.
+    _small_fused(monkeypatch)
+    code, text = _main(["--device", "cpu", "--m", "2", "--shapes", "attn_out,layer_out", "--replays", "1", "--w16",
+                        "--no_progress", "--json", str(tmp_path / "k.json")])
+    assert code == 0
+    rows = json.loads((tmp_path / "k.json").read_text())["rows"]
+    assert [(r["shape"], r["impl"]) for r in rows] == (
+        [("attn_out", i) for i in ["w8a16", "fp16", "dequant", "w16"]]
+        + [("layer_out", i) for i in ["w8a16", "w8a16 x2", "fp16", "dequant", "w16"]])
+    assert rows[3]["bytes"] == 2 * 2560 * 2560 + 4 * 2560 + 2 * (2 * 2560 + 2 * 2560 + 2560)
+    assert rows[-1]["bytes"] == kernels.shape_bytes(kernels.ALL_SHAPES[-1], "w16", 2)
+    assert rows[3]["speedup_vs_fp16"] == pytest.approx(rows[1]["us"] / rows[3]["us"])
+    assert "| w16 " in text
+    code, text = _main(["--dry_run", "--m", "1", "--shapes", "attn_out", "--w16"])
+    assert code == 0 and "x 4 contenders" in text and "bytes w16" in text
+
+
+def test_w16_contender_computes_the_layer_op(monkeypatch):
+    """The w16 contender's fused op equals its two separate calls on the reference (CPU)."""
+    cpu = torch.device("cpu")
+    for shape in _small_fused(monkeypatch):
+        torch.manual_seed(2)
+        sets = [kernels._tensors("w16", 3, p.N, p.K, torch.float32, cpu) for p in shape.parts]
+        assert sets[0][1].dtype == torch.float32 and torch.equal(sets[0][2], torch.ones(shape.first.N))
+        torch.manual_seed(2)
+        fused = kernels._contender("w16", shape, 3, torch.float32, cpu, 1)(0)
+        one, two = (kernels._single_call("w16", p)(t) for p, t in zip(shape.parts, sets))
+        if shape.summed:
+            torch.testing.assert_close(fused, one + two, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(fused[0], one) and torch.testing.assert_close(fused[1], two)
+
+
 def test_fused_contenders_compute_the_same_layer_op(monkeypatch):
     """On CPU (the reference ops), with the same tensors, the fused op, its two separate w8a16 calls and
     the dequant recipe give the same outputs: GeLU on layer_in's second output, layer_out summed."""

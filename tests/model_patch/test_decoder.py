@@ -60,6 +60,17 @@ def test_int8_model_matches_its_hf_forward(make_neox, hf_greedy, hf_logprobs):
     assert torch.equal(dec.generate(ids[:, :6], 12), hf_greedy(model, ids[:, :6], 12))
 
 
+def _count_op_calls(monkeypatch, names, fn):
+    """fn()'s result and how often it called each torch.ops.w8a16.<name> of ``names``."""
+    calls = []
+    with monkeypatch.context() as mp:
+        for name in names:
+            op = getattr(torch.ops.w8a16, name)
+            mp.setattr(torch.ops.w8a16, name, lambda *a, _op=op, _n=name, **k: calls.append(_n) or _op(*a, **k))
+        out = fn()
+    return out, tuple(calls.count(n) for n in names)
+
+
 def test_fused_linears_match_unfused(make_neox, monkeypatch):
     # Decoder(fuse=True) runs a W8A16 parallel-residual layer as w8a16.linear_pair +
     # w8a16.linear_sum; fuse=False as four linears. In decode steps, add_norm=True (the default)
@@ -75,16 +86,44 @@ def test_fused_linears_match_unfused(make_neox, monkeypatch):
                        (dict(fuse_norm=True), (3 * 14, 3, 3 * 13, 0))):
         fused = Decoder(model, batch_size=2, max_len=32, compile=False, **kw)
         assert (fused.fused_layers, plain.fused_layers) == (3, 0)
-        calls = []
-        with monkeypatch.context() as mp:
-            for name in names:
-                op = getattr(torch.ops.w8a16, name)
-                mp.setattr(torch.ops.w8a16, name, lambda *a, _op=op, _n=name, **k: calls.append(_n) or _op(*a, **k))
-            lp_fused = fused.teacher_force(ids, prefill_len=6)
+        lp_fused, got = _count_op_calls(monkeypatch, names, lambda: fused.teacher_force(ids, prefill_len=6))
         # layers x (prefill + 13 steps); the norm ops per step: between layers / after each layer
-        assert tuple(calls.count(n) for n in names) == counts, kw
+        assert got == counts, kw
         torch.testing.assert_close(lp_fused, lp_plain, rtol=0, atol=2e-5)
         assert torch.equal(fused.generate(ids[:, :6], 12), plain.generate(ids[:, :6], 12))
+
+
+def test_fuse16_matches_hf_forward(make_neox, hf_logprobs, hf_greedy, monkeypatch):
+    # Decoder(fuse16=True) on an unquantized model: decode steps run each layer as linear_pair +
+    # linear_sum with the 16-bit weights and unit scales, add_norm_pair between layers, and the LM
+    # head as w8a16.linear; prefill keeps the nn.Linear modules. Against HF's own forward.
+    model = make_neox("d64", layers=3)
+    ids = torch.randint(0, 256, (2, 20))
+    dec = Decoder(model, batch_size=2, max_len=32, compile=False, fuse16=True)
+    assert dec.fused16 and dec.fused_layers == 3 and not dec._norm_fused
+    names = ("linear", "linear_pair", "linear_sum", "add_norm_pair")
+    lp, got = _count_op_calls(monkeypatch, names, lambda: dec.teacher_force(ids, prefill_len=6))
+    # 13 decode steps: 3 layers each, add_norm_pair between layers, the LM head; none in prefill
+    assert got == (13, 3 * 13, 3 * 13, 2 * 13)
+    torch.testing.assert_close(lp, _scored(hf_logprobs(model, ids), ids, 6), rtol=0, atol=2e-5)
+    assert torch.equal(dec.generate(ids[:, :6], 12), hf_greedy(model, ids[:, :6], 12))
+    # fuse_norm needs int8 weights (linear_sum_norm): the 16-bit layers keep add_norm_pair
+    assert not Decoder(model, batch_size=2, max_len=32, compile=False, fuse16=True, fuse_norm=True)._norm_fused
+
+
+def test_fuse16_defaults_and_refusals(make_neox):
+    model = make_neox("d64")
+    assert not Decoder(model, batch_size=1, max_len=8, compile=False).fused16  # CPU: off by default
+    assert Decoder(model, batch_size=1, max_len=8, compile=False, fuse16=True).fused_layers == 2
+    assert Decoder(model, batch_size=1, max_len=8, compile=False, fuse=False, fuse16=True).fused_layers == 0
+    seq = make_neox("d80-seq")  # sequential residual
+    assert Decoder(seq, batch_size=1, max_len=8, compile=False, fuse16=True).fused_layers == 0
+    gelu_tanh = make_neox("d64")
+    gelu_tanh.config.hidden_act = "gelu_new"  # not the exact GeLU linear_pair computes
+    assert Decoder(gelu_tanh, batch_size=1, max_len=8, compile=False, fuse16=True).fused_layers == 0
+    mixed = make_neox("d64")
+    mixed.gpt_neox.layers[0].mlp.dense_4h_to_h.to(torch.float64)  # not the model's dtype
+    assert Decoder(mixed, batch_size=1, max_len=8, compile=False, fuse16=True).fused_layers == 1
 
 
 def test_fusion_only_where_it_applies(make_neox):
@@ -239,7 +278,10 @@ def test_step_drops_the_tensor_guards_of_model_and_cache(make_neox, monkeypatch)
     layers = model.config.num_hidden_layers
     for part in ("k", "v", "pos", "free", "scores"):
         assert {f"self.cache.{part}.layers[{i}]" for i in range(layers)} <= dropped, part
-    assert any("query_key_value" in name and "weight" in name for name in dropped), sorted(dropped)
+    # the fused layers' weights, scales and biases, reached through the decoder's table of them
+    # (query_key_value, dense_h_to_4h, dense, dense_4h_to_h of each layer)
+    assert {f"self._lin[{i}][{j}][{k}]" for i in range(layers) for j in range(4) for k in range(3)} <= dropped, \
+        sorted(dropped)
 
 
 # ---- CUDA ----

@@ -124,8 +124,10 @@ def _bad_cases(device):
     cases = [
         ("x must be float16 or bfloat16", (x.double(), w, s, b)),
         ("x must have shape \\[..., K\\], got a 0-d tensor", (x[0, 0], w, s, b)),
-        ("weight must be int8 of shape \\[N, K\\], got float16 \\[32, 64\\]", (x, w.half(), s, b)),
-        ("weight must be int8 of shape \\[N, K\\], got int8 \\[2048\\]", (x, w.flatten(), s, b)),
+        ("weight must be int8 \\(or x's dtype, float16\\) of shape \\[N, K\\], got float32 \\[32, 64\\]",
+         (x, w.float(), s, b)),
+        ("weight must be int8 \\(or x's dtype, float16\\) of shape \\[N, K\\], got int8 \\[2048\\]",
+         (x, w.flatten(), s, b)),
         ("weight must be contiguous", (x, w.t().contiguous().t(), s, b)),
         ("K mismatch: x has K=48 in its last dim, weight \\[N, K\\] has K=64", (x[:, :48], w, s, b)),
         ("scales must be float32 of shape \\[32\\], got float16 \\[32\\]", (x, w, s.half(), b)),
