@@ -16,7 +16,7 @@ Every single-linear case is timed three ways, all with the layer's bias:
   form: the int8 -> fp16 cast materializes the weight, then cuBLAS; scales kept in x's dtype);
 * ``w16`` (with ``--w16``): the same w8a16 ops with 16-bit weights (x's dtype) and unit fp32
   scales, the unquantized form ``Decoder(fuse16=True)`` runs an FP16 model's decode steps
-  through: our gemv up to 32 rows, torch's matmul and an fp32 epilogue above.
+  through: our gemv up to 32 rows, torch's matmul into fp32 and our epilogue kernel above.
 
 A fused case is timed four ways, each doing what the layer needs (layer_in: both outputs,
 GeLU on the second; layer_out: the sum of the two linears):

@@ -1332,6 +1332,17 @@ cudaError_t w8a16_linear(const void* x, const void* w, const float* scales, cons
               : launch<__nv_bfloat16, false>(x, wb, scales, bias, y, M, N, K, splits, workspace, wbytes, stream);
 }
 
+cudaError_t w8a16_epilogue(const float* acc, const float* scales, const void* bias, void* y, int M, int N,
+                           int dtype_code, bool gelu, cudaStream_t stream) {
+  if (M == 0 || N == 0) return cudaSuccess;
+  const DeviceFacts dev = device_facts();
+  if (dtype_code == 0)
+    return gelu ? launch_splitk_reduce<__half, true>(acc, 1, scales, bias, y, M, N, stream, dev)
+                : launch_splitk_reduce<__half, false>(acc, 1, scales, bias, y, M, N, stream, dev);
+  return gelu ? launch_splitk_reduce<__nv_bfloat16, true>(acc, 1, scales, bias, y, M, N, stream, dev)
+              : launch_splitk_reduce<__nv_bfloat16, false>(acc, 1, scales, bias, y, M, N, stream, dev);
+}
+
 cudaError_t w8a16_linear2(const W8A16Linear2& args, int M, int dtype_code, cudaStream_t stream) {
   if (M <= 0 || M > 32) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
   if ((args.wbytes != 1 && args.wbytes != 2) || (args.wbytes == 2 && args.norm_y[0])) return cudaErrorInvalidValue;

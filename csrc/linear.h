@@ -19,6 +19,11 @@ cudaError_t w8a16_linear(const void* x, const void* w, const float* scales, cons
                          int M, int N, int K, int dtype_code, bool gelu, int splits, float* workspace,
                          int wbytes, cudaStream_t stream);
 
+// y[M, N] = act(acc * scales + bias) from fp32 acc [M, N] (contiguous), one pass: the epilogue of
+// 16-bit weights above 32 rows, whose product comes from torch's matmul.
+cudaError_t w8a16_epilogue(const float* acc, const float* scales, const void* bias, void* y, int M, int N,
+                           int dtype_code, bool gelu, cudaStream_t stream);
+
 // Two linears in one gemv launch (M <= 32 rows, the same M for both; same layout rules):
 //  * sum == false (w8a16.linear_pair): y[i] = act_i((x[i] @ w[i]^T) * scales[i] + bias[i]), i = 0, 1;
 //  * sum == true (w8a16.linear_sum): y[0] = (x[0] @ w[0]^T) * scales[0] + bias[0]

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "decode_attention.h"
@@ -49,14 +50,25 @@ int weight_bytes(const at::Tensor& x, const at::Tensor& w) {
   return 2;
 }
 
-// 16-bit weights above 32 rows (prefill): torch's matmul, then the epilogue in fp32. The gemv is
-// ours at every M <= 32; the tiled GEMM is built for int8 weights only.
+// x [M, K] @ w [N, K]^T as fp32 [M, N] through torch's matmul (cuBLAS): aten::mm.dtype, which
+// accumulates and writes in fp32, where this torch has it; else the product in x's dtype, widened.
+at::Tensor mm_fp32(const at::Tensor& x, const at::Tensor& w) {
+  static const c10::optional<c10::OperatorHandle> op = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype"});
+  if (op.has_value())
+    return op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>().call(x, w.t(), at::kFloat);
+  return at::mm(x, w.t()).to(at::kFloat);
+}
+
+// 16-bit weights above 32 rows (prefill): torch's matmul into fp32, then our epilogue kernel (scale,
+// bias, GeLU, rounding: one pass). The gemv is ours at every M <= 32; the tiled GEMM is int8 only.
 at::Tensor linear16_large(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                           const at::Tensor& bias, bool gelu, at::Tensor& y) {
-  at::Tensor acc = at::matmul(x.reshape({-1, w.size(1)}), w.t()).to(at::kFloat).mul_(scales);
-  if (bias.defined()) acc.add_(bias.to(at::kFloat));
-  if (gelu) acc = at::gelu(acc);
-  y.view({-1, w.size(0)}).copy_(acc);
+  const int64_t N = w.size(0), M = x.numel() / w.size(1);
+  const at::Tensor acc = mm_fp32(x.reshape({M, w.size(1)}), w).contiguous();
+  const cudaError_t err = w8a16_epilogue(acc.data_ptr<float>(), scales.data_ptr<float>(),
+                                         bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr(), (int)M, (int)N,
+                                         dtype_code(x.scalar_type()), gelu, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "w8a16.linear: epilogue launch failed: ", cudaGetErrorString(err));
   return y;
 }
 
