@@ -2,7 +2,8 @@
 
 Modes (``--modes``, comma-separated; ``default`` = the first three, ``all`` = all five):
 
-* ``fp16_full``  our Decoder, unquantized model in ``--dtype``, full KV cache
+* ``fp16_full``  our Decoder, unquantized model in ``--dtype``, full KV cache (on CUDA at batch <= 8
+  its decode steps run the W8A16 ops with the 16-bit weights, ``Decoder(fuse16)``; above, cuBLAS)
 * ``int8_full``  our Decoder, W8A16 model, full KV cache
 * ``int8_h2o``   our Decoder, W8A16 model, ``--kv`` policy (default h2o:``--h2o_hh``,``--window``)
 * ``hf_eager``   HF eager forward + DynamicCache (what the reference study ran)
