@@ -282,6 +282,11 @@ struct GemvThread {
 // the x fragments, from global memory (XG) or from x staged in shared memory (XS); XNONE: none.
 enum GemvX { XNONE, XG, XS };
 
+// log2 of the k a gemv chunk covers: a chunk is 128 bytes of each weight row, so 128 k of int8
+// weights (WB = 1) or 64 k of 16-bit ones (WB = 2).
+template <int WB>
+constexpr int kGemvLogChunkK = WB == 1 ? 7 : 6;
+
 template <bool LOAD_W, GemvX X, int WB, typename T, int NT, int CT, int UNROLL, int NSEG>
 __device__ __forceinline__ void gemv_load(GemvRegs<T, NT, CT, UNROLL>& r, int c0, int stride,
                                           const GemvThread<T, NT, CT, NSEG>& th, int cend) {
@@ -292,7 +297,7 @@ __device__ __forceinline__ void gemv_load(GemvRegs<T, NT, CT, UNROLL>& r, int c0
     // The chunk's segment; selects, not indexing, keep th in registers.
     const bool s = NSEG == 2 && c >= th.nch0;
     const int K = s ? th.K[NSEG - 1] : th.K[0];
-    constexpr int KC = 128 / WB, LOG_KC = WB == 1 ? 7 : 6;  // k of a chunk: 128 bytes of each weight row
+    constexpr int LOG_KC = kGemvLogChunkK<WB>, KC = 1 << LOG_KC;
     const int kb = (c - (s ? th.nch0 : 0)) << LOG_KC;
     if constexpr (LOAD_W && NSEG == 2) {
 #pragma unroll
@@ -620,7 +625,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
     for (int j = 0; j < NT; ++j) th.xrow[s][j] = xb + (size_t)(th.xv[j] ? 8 * j + g : 0) * sg.K;
     xs += (size_t)M * sg.K;
   }
-  constexpr int KC = 128 / WB, LOG_KC = WB == 1 ? 7 : 6;  // k of a chunk
+  constexpr int LOG_KC = kGemvLogChunkK<WB>, KC = 1 << LOG_KC;
   th.nch0 = (th.K[0] + KC - 1) >> LOG_KC;
   th.nchunks = th.nch0;
   if constexpr (NSEG == 2) th.nchunks += (th.K[1] + KC - 1) >> LOG_KC;
@@ -1139,7 +1144,7 @@ cudaError_t launch_gemv_params(GemvParams<T>& p, int nprob, cudaStream_t stream)
     if (i == 0) p.tiles0 = t;
     tiles += t;
     const int K = p.prob[i].seg[0].K + p.prob[i].seg[1].K;
-    constexpr int KC = 128 / WB;  // k of a chunk (gemv_kernel)
+    constexpr int KC = 1 << kGemvLogChunkK<WB>;
     const int c = (p.prob[i].seg[0].K + KC - 1) / KC + (p.prob[i].seg[1].K + KC - 1) / KC;
     chunks = std::min(chunks, c);
     max_chunks = std::max(max_chunks, c);

@@ -72,6 +72,14 @@ def _fusable(layer: nn.Module) -> bool:
             and isinstance(attn.query_key_value, W8A16Linear) and isinstance(attn.dense, W8A16Linear))
 
 
+def _linear_modules(layer: nn.Module) -> tuple:
+    """A GPT-NeoX layer's query_key_value, dense_h_to_4h, dense and dense_4h_to_h, in the order of the
+    decoder's table of fused linears (None where a module is missing)."""
+    attn, mlp = layer.attention, layer.mlp
+    return tuple(getattr(mod, name, None) for mod, name in (
+        (attn, "query_key_value"), (mlp, "dense_h_to_4h"), (attn, "dense"), (mlp, "dense_4h_to_h")))
+
+
 def _linear16(m: nn.Module, dtype: torch.dtype) -> bool:
     """A plain ``nn.Linear`` with 16-bit weights in the model's dtype (float32 too on CPU, where the ops
     run their reference), whose K the CUDA gemv takes (a multiple of 16)."""
@@ -85,10 +93,8 @@ def _fusable16(layer: nn.Module, config, dtype: torch.dtype) -> bool:
     and the exact GeLU, which ``linear_pair``'s epilogue computes (``Decoder(fuse16=True)``)."""
     from .quant import EXACT_GELU
 
-    attn, mlp = layer.attention, layer.mlp
     return (bool(getattr(layer, "use_parallel_residual", False)) and getattr(config, "hidden_act", None) in EXACT_GELU
-            and all(_linear16(getattr(mod, name, None), dtype) for mod, name in (
-                (attn, "query_key_value"), (attn, "dense"), (mlp, "dense_h_to_4h"), (mlp, "dense_4h_to_h"))))
+            and all(_linear16(m, dtype) for m in _linear_modules(layer)))
 
 
 def _register_inductor_fallbacks() -> None:
@@ -295,9 +301,8 @@ class Decoder:
     def _layer_linears(self, layer: nn.Module) -> tuple:
         """(weight, scales, bias) of a fused layer's query_key_value, dense_h_to_4h, dense and
         dense_4h_to_h, in that order: W8A16 ones as stored, 16-bit ones with unit scales."""
-        attn, mlp = layer.attention, layer.mlp
         out = []
-        for m in (attn.query_key_value, mlp.dense_h_to_4h, attn.dense, mlp.dense_4h_to_h):
+        for m in _linear_modules(layer):
             scales = m.scales if m.weight.dtype == torch.int8 else self._unit_scales(m.out_features)
             out.append((m.weight, scales, m.bias))
         return tuple(out)
